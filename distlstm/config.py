@@ -1,0 +1,375 @@
+"""Configuration: one small dataclass per component, a TOML file, dotted command-line overrides.
+
+    python -m distlstm.train --config configs/x.toml --optim.lr 3e-3 --model.hidden_size 512
+
+The dataclass defaults *are* the embedded default run (`configs/default.toml` spells them out).
+Unknown sections or keys, wrong types and impossible values raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the fix."""
+
+
+def opt(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its one-line doc (shown by --help) and, for strings, the allowed values."""
+    meta = {"doc": doc, "choices": choices}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check_choices(section: str, obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{section}.{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
+
+
+def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            need = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{section}.{name}={value!r} must be {need}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the samples come from and how they are batched."""
+
+    train: str = opt("", "training shards: a prepared dataset folder, files, globs, brace ranges or URLs "
+                         "(comma-separated); empty = the embedded synthetic dataset")
+    valid: str = opt("", "validation shards, same forms as data.train; empty = none (or the synthetic split)")
+    format: str = opt("auto", "shard format; auto = from the file suffix", ("auto", "parquet", "tar"))
+    sequence_column: str = opt("", "Parquet column holding each sample's sequence; empty = from the manifest, "
+                                   "else 'tokens' or 'features'")
+    label_column: str = opt("", "Parquet column holding the label/target; empty = from the manifest, else 'label'")
+    max_tokens: int = opt(8192, "token budget per batch: batch size x padded length stays below it")
+    min_batch_size: int = opt(8, "batch-size floor for long buckets (an LSTM starves on tiny batches)")
+    max_batch_size: int = opt(0, "batch-size cap; 0 = none")
+    max_length: int = opt(1024, "longest sequence fed to the model; see data.too_long")
+    too_long: str = opt("truncate", "what to do with a sample longer than data.max_length",
+                        ("truncate", "drop", "error"))
+    window_chunks: int = opt(16, "chunks (row groups or tar shards) shuffled and bucketed together; "
+                                 "memory per worker grows with it")
+    num_workers: int = opt(1, "DataLoader worker processes per rank; 0 = load in the training process")
+    prefetch_factor: int = opt(4, "batches each worker prepares ahead")
+    seed: int = opt(1234, "seed of the shuffling plan (shard order, windows, batch order)")
+    on_bad_sample: str = opt("error", "a corrupt or invalid sample: stop with its shard and row, or skip it "
+                                      "(counted, quarantined in the run directory)", ("error", "skip"))
+    cache_dir: str = opt("", "where indexes and the synthetic dataset are cached; empty = ~/.cache/distlstm")
+    retries: int = opt(3, "tries for a remote read before giving up")
+    storage_options: dict = opt({}, "fsspec storage options for remote URLs (credentials are never logged)")
+    synthetic_samples: int = opt(12000, "size of the embedded synthetic training set (when data.train is empty)")
+
+    def __post_init__(self) -> None:
+        _check_choices("data", self)
+        _positive("data", self, "max_tokens", "min_batch_size", "max_length", "window_chunks", "prefetch_factor",
+                  "retries", "synthetic_samples")
+        _positive("data", self, "max_batch_size", "num_workers", allow_zero=True)
+        if self.max_batch_size and self.max_batch_size < self.min_batch_size:
+            raise ConfigError(f"data.max_batch_size={self.max_batch_size} is below "
+                              f"data.min_batch_size={self.min_batch_size}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The LSTM encoder and its task head."""
+
+    task: str = opt("classify", "what the model predicts", ("classify", "regress", "tag", "lm"))
+    input: str = opt("auto", "token ids (embedding) or float feature vectors; auto = from the data",
+                     ("auto", "tokens", "features"))
+    vocab_size: int = opt(0, "token vocabulary size; 0 = from the dataset manifest")
+    input_size: int = opt(0, "feature vector size; 0 = from the dataset manifest")
+    num_classes: int = opt(0, "classes for classify/tag; 0 = from the dataset manifest")
+    num_targets: int = opt(1, "regression outputs per sample")
+    embed_size: int = opt(64, "embedding size for token inputs")
+    hidden_size: int = opt(128, "LSTM hidden size")
+    num_layers: int = opt(1, "stacked LSTM layers")
+    dropout: float = opt(0.0, "dropout between layers and before the head")
+    bidirectional: bool = opt(False, "run a backward LSTM too (not for lm)")
+    proj_size: int = opt(0, "LSTM output projection size (nn.LSTM proj_size); 0 = none")
+    tie_weights: bool = opt(False, "lm only: share the embedding with the output layer")
+
+    def __post_init__(self) -> None:
+        _check_choices("model", self)
+        _positive("model", self, "embed_size", "hidden_size", "num_layers", "num_targets")
+        _positive("model", self, "vocab_size", "input_size", "num_classes", "proj_size", allow_zero=True)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = opt(3e-3, "peak learning rate")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.99, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    warmup_steps: int = opt(30, "optimizer steps of linear warmup")
+    schedule: str = opt("cosine", "learning-rate decay after warmup", ("cosine", "constant"))
+    min_lr_ratio: float = opt(0.1, "cosine decays to lr x this at train.max_steps")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (after unscaling); 0 = off")
+
+    def __post_init__(self) -> None:
+        _check_choices("optim", self)
+        _positive("optim", self, "lr", "eps")
+        _positive("optim", self, "weight_decay", "warmup_steps", "grad_clip", allow_zero=True)
+        for name in ("beta1", "beta2", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop: length, accumulation, precision, devices, evaluation."""
+
+    max_steps: int = opt(200, "optimizer steps to run; 0 = until train.max_epochs")
+    max_epochs: int = opt(0, "epochs to run; 0 = until train.max_steps")
+    accum_steps: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
+    precision: str = opt("fp32", "fp32, bf16 autocast, or fp16 autocast with a GradScaler",
+                         ("fp32", "bf16", "fp16"))
+    device: str = opt("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
+    backend: str = opt("auto", "process-group backend; auto = nccl on cuda, gloo on cpu", ("auto", "gloo", "nccl"))
+    seed: int = opt(0, "seed for model init and dropout")
+    eval_every: int = opt(100, "evaluate on data.valid every N steps (and at the end); 0 = only at the end")
+    eval_max_batches: int = opt(0, "cap on validation batches per evaluation; 0 = the whole split")
+    run_dir: str = opt("", "where logs, metrics and checkpoints go; empty = runs/<date-time>")
+    debug: bool = opt(False, "anomaly detection, deterministic algorithms, synchronous CUDA errors")
+    timeout_s: float = opt(120.0, "process-group timeout: a dead rank makes the others exit after this long")
+    max_bad_steps: int = opt(5, "stop after this many consecutive non-finite steps (fp16 overflow skips excluded)")
+    threads: int = opt(0, "torch CPU threads per rank; 0 = torch's default")
+
+    def __post_init__(self) -> None:
+        _check_choices("train", self)
+        _positive("train", self, "accum_steps", "timeout_s", "max_bad_steps")
+        _positive("train", self, "max_steps", "max_epochs", "eval_every", "eval_max_batches", "threads",
+                  allow_zero=True)
+        if self.max_steps == 0 and self.max_epochs == 0:
+            raise ConfigError("train.max_steps and train.max_epochs are both 0; set one of them")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When checkpoints are written, how many are kept, and where a run resumes from."""
+
+    every_steps: int = opt(0, "save every N optimizer steps; 0 = off")
+    every_minutes: float = opt(0.0, "save every M minutes of training; 0 = off")
+    at_end: bool = opt(True, "save when training ends")
+    keep_last: int = opt(3, "committed checkpoints kept (older ones are deleted after a new commit)")
+    keep_every: int = opt(0, "also keep every checkpoint whose step is a multiple of this; 0 = none")
+    resume: str = opt("auto", "auto = newest valid checkpoint in the run directory (or start fresh); "
+                              "never; or a checkpoint path")
+    async_save: bool = opt(False, "write checkpoint files in the background; the step waits only for the copy")
+    max_requeues: int = opt(3, "SLURM: requeue the job after a preemption signal at most this many times")
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint", self, "every_steps", "every_minutes", "keep_every", "max_requeues", allow_zero=True)
+        _positive("checkpoint", self, "keep_last")
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    """What is reported and where."""
+
+    every_steps: int = opt(20, "log loss, lr, grad norm, tokens/s every N steps (the only host sync)")
+    progress: bool = opt(True, "progress bar on the leader rank")
+    tensorboard: bool = opt(True, "write TensorBoard event files into the run directory")
+
+    def __post_init__(self) -> None:
+        _positive("log", self, "every_steps")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Everything one run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else globals()[f.type]
+                             for f in dataclasses.fields(Config)}
+
+
+def _field_type(cls: type, name: str) -> type:
+    hints = typing.get_type_hints(cls)
+    return hints[name]
+
+
+def _coerce(key: str, value: Any, kind: type, from_cli: bool) -> Any:
+    """Convert a TOML or command-line value to the field's type, or raise naming the key."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if from_cli and isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} is not an integer")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_cli and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} is not a number")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} is not a string; quote it in TOML")
+    if kind is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        if from_cli and isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                return parsed
+        raise ConfigError(f"{key}={value!r} is not a table; give a TOML table or a JSON object")
+    raise ConfigError(f"{key}: unsupported type {kind}")  # pragma: no cover
+
+
+def _apply(raw: dict[str, dict[str, Any]], *, from_cli: bool, base: dict[str, dict[str, Any]]) -> None:
+    """Merge `raw` ({section: {key: value}}) into `base`, checking every name and type."""
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section [{section}]; sections are {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
+        cls = SECTIONS[section]
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(f"unknown key {section}.{key}; {section} keys are {', '.join(names)}")
+            base.setdefault(section, {})[key] = _coerce(f"{section}.{key}", value, _field_type(cls, key), from_cli)
+
+
+def _build(values: dict[str, dict[str, Any]]) -> Config:
+    sections = {}
+    for name, cls in SECTIONS.items():
+        try:
+            sections[name] = cls(**values.get(name, {}))
+        except TypeError as exc:  # pragma: no cover - _apply checks names first
+            raise ConfigError(f"[{name}]: {exc}") from exc
+    return Config(**sections)
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """`--section.key value`, `--section.key=value`, or a bare `--section.flag` meaning true."""
+    raw: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --optim.lr 3e-3 (see --help)")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+                i += 1
+            else:
+                value = "true"
+        section, _, key = name.partition(".")
+        raw.setdefault(section, {})[key] = value
+        i += 1
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then the overrides; validated as a whole."""
+    values: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+        try:
+            _apply(raw, from_cli=False, base=values)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+    _apply(parse_overrides(overrides or []), from_cli=True, base=values)
+    return _build(values)
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def to_toml(cfg: Config, redact=lambda s: s) -> str:
+    """The resolved config as TOML; `redact` is applied to every string (credentials never saved)."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if key == "storage_options":
+                value = {k: "***" for k in value}
+            elif isinstance(value, str):
+                value = redact(value)
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def help_text() -> str:
+    """Every option with its default and one-line doc, by section."""
+    out = []
+    for section, cls in SECTIONS.items():
+        out.append(f"[{section}] {cls.__doc__.strip()}")
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            choices = f.metadata.get("choices")
+            default = _toml_value(getattr(defaults, f.name))
+            extra = f" ({'|'.join(choices)})" if choices else ""
+            out.append(f"  --{section}.{f.name} = {default}{extra}\n      {f.metadata.get('doc', '')}")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,71 @@
+"""The two data types that cross module boundaries: a decoded `Chunk` of a shard and a padded `Batch`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Chunk:
+    """Samples of one shard chunk (a Parquet row group or a whole tar shard), decoded into flat arrays.
+
+    Sample ``i`` is ``values[offsets[i]:offsets[i+1]]``. ``labels`` is one value per sample, or, for
+    per-step labels (tagging), a flat array aligned with ``values`` rows.
+    """
+
+    values: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray | None
+    keys: list[str] = field(default_factory=list)
+    first_row: int = 0
+    """Row of sample 0 within its shard (for error messages)."""
+    bad: dict[int, str] = field(default_factory=dict)
+    """Samples found unusable while decoding: local index -> problem."""
+
+    def where(self, i: int) -> str:
+        return f"key {self.keys[i]}" if self.keys else f"row {self.first_row + i}"
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass
+class Batch:
+    """A padded batch; see docs/design.md, "The batch contract"."""
+
+    inputs: torch.Tensor
+    lengths: torch.Tensor
+    targets: torch.Tensor
+    sample_ids: torch.Tensor
+    weight: float = 1.0
+    epoch: int = 0
+    """Epoch this batch belongs to."""
+    consumed: int = 0
+    """Global batches of `epoch` consumed once this batch is (the loader's resume position)."""
+    num_skipped: int = 0
+    """Bad samples left out of this batch (data.on_bad_sample=skip)."""
+
+    def _replace(self, fn) -> "Batch":
+        return dataclasses.replace(self, inputs=fn(self.inputs), lengths=fn(self.lengths), targets=fn(self.targets))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return self._replace(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        return self._replace(lambda t: t.pin_memory())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.inputs.shape[0] * self.inputs.shape[1])

@@ -1,0 +1,111 @@
+"""Parquet shards: row-group metadata, per-sample lengths from list offsets, and row groups decoded
+into flat numpy arrays (column projection, no per-row Python objects)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distlstm.data.batch import Chunk
+from distlstm.data.errors import BadSampleError
+from distlstm.data.sources import open_file, redact
+
+
+def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """(offsets starting at 0, null mask, values array) of a list column, copying nothing per row."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_fixed_size_list(arr.type):
+        n, size = len(arr), arr.type.list_size
+        offsets = np.arange(n + 1, dtype=np.int64) * size
+        values = arr.values.slice(arr.offset * size, n * size)
+    elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        raw = arr.offsets.to_numpy().astype(np.int64)
+        values = arr.values.slice(int(raw[0]), int(raw[-1] - raw[0]))
+        offsets = raw - raw[0]
+    else:
+        raise TypeError(f"{arr.type}")
+    nulls = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else np.zeros(len(arr), bool)
+    return offsets, nulls, values
+
+
+def _sequence_type_error(path: str, column: str, typ: pa.DataType) -> BadSampleError:
+    return BadSampleError(redact(path), "schema", f"column '{column}' is {typ}, expected list<int32|int64> "
+                          f"(token ids) or list<float>/list<list<float>> (features)",
+                          fix="re-run distlstm.prep or set --data.sequence_column")
+
+
+def parquet_layout(path: str, column: str, *, storage_options=None, retries: int = 3) -> tuple[list[int], np.ndarray]:
+    """Row-group sizes and per-sample lengths of `column`, read from the list offsets."""
+    with open_file(path, storage_options=storage_options, retries=retries) as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise BadSampleError(redact(path), "file", f"not a readable Parquet file ({exc})",
+                                 fix="re-create the shard or remove it from the dataset") from exc
+        if column not in pf.schema_arrow.names:
+            raise BadSampleError(redact(path), "schema", f"no column '{column}' (columns: "
+                                 f"{', '.join(pf.schema_arrow.names)})", fix="set --data.sequence_column")
+        rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+        lengths = []
+        for i in range(pf.num_row_groups):
+            col = pf.read_row_group(i, columns=[column]).column(0)
+            try:
+                offsets, _, _ = _list_parts(col)
+            except TypeError:
+                raise _sequence_type_error(path, column, col.type) from None
+            lengths.append(np.diff(offsets).astype(np.int32))
+    return rows, (np.concatenate(lengths) if lengths else np.zeros(0, np.int32))
+
+
+def _to_numpy_values(path: str, column: str, values: pa.Array) -> np.ndarray:
+    typ = values.type
+    if pa.types.is_integer(typ):
+        return values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    if pa.types.is_floating(typ):
+        return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)[:, None]
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+        offsets, _, inner = _list_parts(values)
+        widths = np.unique(np.diff(offsets))
+        if len(widths) > 1:
+            raise BadSampleError(redact(path), "schema", f"column '{column}' has feature vectors of different "
+                                 f"sizes {widths[:5].tolist()}", fix="give every step the same number of features")
+        width = int(widths[0]) if len(widths) else 0
+        return inner.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
+    raise _sequence_type_error(path, column, typ)
+
+
+def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label_column: str | None,
+                       storage_options=None, retries: int = 3) -> Chunk:
+    """Decode one row group: flat values, offsets, labels. Nulls raise BadSampleError naming the row."""
+    columns = [sequence_column] + ([label_column] if label_column else [])
+    with open_file(path, storage_options=storage_options, retries=retries) as f:
+        try:
+            pf = pq.ParquetFile(f)
+            table = pf.read_row_group(row_group, columns=columns)
+            first_row = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise BadSampleError(redact(path), f"row group {row_group}", f"cannot be read ({exc})",
+                                 fix="re-create the shard, or run with --data.on_bad_sample skip") from exc
+    seq = table.column(0)
+    try:
+        offsets, nulls, values = _list_parts(seq)
+    except TypeError:
+        raise _sequence_type_error(path, sequence_column, seq.type) from None
+    labels = None
+    if label_column:
+        lab = table.column(1).combine_chunks()
+        if pa.types.is_list(lab.type) or pa.types.is_large_list(lab.type):
+            lab_offsets, lab_nulls, lab_values = _list_parts(lab)
+            if not np.array_equal(np.diff(lab_offsets)[~lab_nulls], np.diff(offsets)[~lab_nulls]):
+                bad = int(np.flatnonzero(np.diff(lab_offsets) != np.diff(offsets))[0])
+                raise BadSampleError(redact(path), f"row {first_row + bad}", f"'{label_column}' has "
+                                     f"{np.diff(lab_offsets)[bad]} steps but '{sequence_column}' has {np.diff(offsets)[bad]}")
+            nulls = nulls | lab_nulls
+            labels = lab_values.to_numpy(zero_copy_only=False)
+        else:
+            nulls = nulls | (lab.is_null().to_numpy(zero_copy_only=False) if lab.null_count else False)
+            labels = lab.fill_null(0).to_numpy(zero_copy_only=False)
+    bad = {int(r): f"null in '{sequence_column}' or '{label_column}'" for r in np.flatnonzero(nulls)}
+    return Chunk(values=_to_numpy_values(path, sequence_column, values), offsets=offsets, labels=labels,
+                 first_row=first_row, bad=bad)

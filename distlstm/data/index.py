@@ -1,0 +1,170 @@
+"""The dataset index: shards, their chunks (Parquet row groups or whole tar shards) and every
+sample's length, which is all the plan needs. Built once per shard and cached by (URL, size, mtime)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from distlstm.data.batch import Chunk
+from distlstm.data.sources import expand_paths, file_info, open_file, redact
+
+MANIFEST = "manifest.json"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DISTLSTM_CACHE", Path.home() / ".cache" / "distlstm"))
+
+
+def shard_format(path: str, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.split("?")[0].lower()
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith(".tar"):
+        return "tar"
+    raise ValueError(f"cannot tell the format of {redact(path)} from its name; set --data.format parquet|tar")
+
+
+def _read_manifest(spec: str, storage_options) -> dict | None:
+    """The manifest of a prepared dataset folder (local or remote), if `spec` names one."""
+    if "," in spec or any(c in spec for c in "*?{["):
+        return None
+    url = spec.rstrip("/") + "/" + MANIFEST
+    if "://" not in spec:
+        if not Path(url).is_file():
+            return None
+    elif spec.lower().endswith((".parquet", ".pq", ".tar")):
+        return None
+    try:
+        with open_file(url, storage_options=storage_options, retries=1) as f:
+            manifest = json.load(f)
+    except (FileNotFoundError, OSError):
+        return None
+    manifest["_root"] = spec.rstrip("/")
+    return manifest
+
+
+@dataclass
+class DatasetIndex:
+    """Shards, chunk boundaries and per-sample lengths of one split."""
+
+    shards: list[str]
+    formats: list[str]
+    chunk_shard: np.ndarray      # shard number of each chunk
+    chunk_local: np.ndarray      # row group within the shard (0 for tar)
+    chunk_offsets: np.ndarray    # global sample id of each chunk's first sample (+ total at the end)
+    lengths: np.ndarray          # int32 length of every sample
+    meta: dict = field(default_factory=dict)
+    sequence_column: str = "tokens"
+    label_column: str | None = "label"
+    storage_options: dict = field(default_factory=dict)
+    retries: int = 3
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.chunk_offsets[-1])
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunk_shard)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update("\n".join(self.shards).encode())
+        h.update(self.chunk_offsets.tobytes())
+        h.update(self.lengths.tobytes())
+        return h.hexdigest()[:16]
+
+    def locate(self, sample_id: int) -> tuple[str, str]:
+        """(shard, 'row N') of a global sample id, for messages."""
+        c = int(np.searchsorted(self.chunk_offsets, sample_id, side="right") - 1)
+        shard = self.shards[self.chunk_shard[c]]
+        first = int(self.chunk_offsets[np.searchsorted(self.chunk_shard, self.chunk_shard[c])])
+        return redact(shard), f"row {sample_id - first}"
+
+    def read_chunk(self, c: int) -> Chunk:
+        shard = self.shards[self.chunk_shard[c]]
+        if self.formats[self.chunk_shard[c]] == "parquet":
+            from distlstm.data.formats import read_parquet_chunk
+            return read_parquet_chunk(shard, int(self.chunk_local[c]), sequence_column=self.sequence_column,
+                                      label_column=self.label_column, storage_options=self.storage_options,
+                                      retries=self.retries)
+        from distlstm.data.tar import read_tar_chunk
+        return read_tar_chunk(shard, storage_options=self.storage_options, retries=self.retries)
+
+
+def _cache_key(url: str, column: str, storage_options) -> str:
+    info = file_info(url, storage_options=storage_options)
+    raw = json.dumps([url, column, info.get("size"), str(info.get("mtime_or_etag"))])
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def _shard_layout(url: str, fmt: str, column: str, cache: Path | None, storage_options, retries):
+    """(rows per chunk, lengths) of one shard, from the cache when the file is unchanged."""
+    path = None
+    if cache is not None:
+        path = cache / "index" / f"{_cache_key(url, column, storage_options)}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                return z["rows"].tolist(), z["lengths"]
+    if fmt == "parquet":
+        from distlstm.data.formats import parquet_layout
+        rows, lengths = parquet_layout(url, column, storage_options=storage_options, retries=retries)
+    else:
+        from distlstm.data.tar import tar_lengths
+        lengths = np.asarray(tar_lengths(url, storage_options=storage_options, retries=retries), dtype=np.int32)
+        rows = [len(lengths)]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, rows=np.asarray(rows, dtype=np.int64), lengths=lengths)
+        os.replace(tmp, path)
+    return rows, lengths
+
+
+def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label_column: str = "",
+               cache_dir: str | Path | None = None, storage_options: dict | None = None,
+               retries: int = 3, progress=None) -> DatasetIndex:
+    """Index a split: a prepared dataset folder (with manifest.json), files, globs, brace ranges or URLs."""
+    storage_options = dict(storage_options or {})
+    manifest = _read_manifest(spec, storage_options) or {}
+    if manifest:
+        root = manifest["_root"]
+        shards = [s["path"] if "://" in s["path"] or os.path.isabs(s["path"]) else f"{root}/{s['path']}"
+                  for s in manifest["shards"]]
+    else:
+        shards = expand_paths(spec, storage_options=storage_options)
+    if not shards:
+        raise ValueError(f"no shards found for {redact(spec)}")
+    formats = [shard_format(s, manifest.get("format", fmt) if fmt == "auto" else fmt) for s in shards]
+    column = sequence_column or manifest.get("sequence_column") or "tokens"
+    label = label_column or manifest.get("label_column") or "label"
+    if manifest.get("task") == "lm" and not label_column:
+        label = None
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    chunk_shard, chunk_local, rows_all, lengths_all = [], [], [], []
+    for s, (url, f) in enumerate(zip(shards, formats)):
+        rows, lengths = _shard_layout(url, f, column, cache, storage_options, retries)
+        chunk_shard += [s] * len(rows)
+        chunk_local += list(range(len(rows)))
+        rows_all += rows
+        lengths_all.append(lengths)
+        if progress is not None:
+            progress(s + 1, len(shards))
+    offsets = np.concatenate([[0], np.cumsum(rows_all)]).astype(np.int64)
+    lengths = np.concatenate(lengths_all).astype(np.int32)
+    if len(lengths) != offsets[-1]:
+        raise ValueError(f"{redact(spec)}: index has {len(lengths)} lengths for {offsets[-1]} rows; "
+                         f"delete the cache folder {cache / 'index'} and retry")
+    meta = {k: v for k, v in manifest.items() if not k.startswith("_") and k != "shards"}
+    return DatasetIndex(shards=shards, formats=formats, chunk_shard=np.asarray(chunk_shard, np.int64),
+                        chunk_local=np.asarray(chunk_local, np.int64), chunk_offsets=offsets, lengths=lengths,
+                        meta=meta, sequence_column=column, label_column=label,
+                        storage_options=storage_options, retries=retries)

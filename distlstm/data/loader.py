@@ -1,0 +1,306 @@
+"""The batch loader: DataLoader workers walk this rank's share of the plan, decode chunks, pad batches.
+
+Resume state is `(epoch, consumed)`: the number of *global* batches of the epoch that all ranks
+together have consumed. It counts what the trainer received, not what workers prefetched, and it
+does not depend on the world size, so a checkpoint taken on N ranks resumes on M ranks exactly.
+
+Workers: worker `w` of `W` produces this rank's local batches `k` with `k % W == w`; the DataLoader
+pulls from workers round-robin, so batches arrive in plan order whatever `W` is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from distlstm.data.batch import Batch, Chunk
+from distlstm.data.errors import BadSampleError
+from distlstm.data.index import DatasetIndex
+from distlstm.data.plan import EpochPlan, PlanParams, _segments
+
+STATE_VERSION = 1
+
+
+def find_bad_samples(chunk: Chunk, *, task: str, vocab_size: int, num_classes: int) -> dict[int, str]:
+    """Vectorised checks of a decoded chunk: local index -> problem (plus what decoding found)."""
+    bad = dict(chunk.bad)
+    n = len(chunk)
+    if n == 0:
+        return bad
+    lens = chunk.lengths
+    starts = chunk.offsets[:-1]
+    nonempty = lens > 0
+
+    def flag(mask: np.ndarray, problem: str) -> None:
+        for i in np.flatnonzero(mask)[:10_000]:
+            bad.setdefault(int(i), problem)
+
+    flag(lens < (2 if task == "lm" else 1), "empty sequence" if task != "lm" else "fewer than 2 tokens for lm")
+    values = chunk.values
+    if len(values) and nonempty.any():
+        if values.dtype.kind == "f":
+            row_bad = ~np.isfinite(values).all(axis=1)
+            per_sample = np.zeros(n, bool)
+            per_sample[nonempty] = np.logical_or.reduceat(row_bad, starts[nonempty])
+            flag(per_sample, "NaN or infinite feature value")
+        elif vocab_size:
+            out = (values < 0) | (values >= vocab_size)
+            per_sample = np.zeros(n, bool)
+            per_sample[nonempty] = np.logical_or.reduceat(out, starts[nonempty])
+            flag(per_sample, f"token id outside [0, {vocab_size}) (model.vocab_size)")
+    labels = chunk.labels
+    if task in ("classify", "tag", "regress"):
+        if labels is None:
+            flag(np.ones(n, bool), "missing label")
+        elif task == "regress":
+            flag(~np.isfinite(np.asarray(labels, np.float64).reshape(n, -1)).all(axis=1), "NaN or infinite target")
+        elif task == "classify" and num_classes:
+            flag((labels < 0) | (labels >= num_classes), f"label outside [0, {num_classes}) (model.num_classes)")
+        elif task == "tag" and num_classes and len(labels) and nonempty.any():
+            out = (labels < 0) | (labels >= num_classes)
+            per_sample = np.zeros(n, bool)
+            per_sample[nonempty] = np.logical_or.reduceat(out, starts[nonempty])
+            flag(per_sample, f"tag outside [0, {num_classes}) (model.num_classes)")
+    return bad
+
+
+class _Assembler:
+    """Turns sample ids into a padded Batch, keeping the current window's chunks decoded."""
+
+    def __init__(self, index: DatasetIndex, *, task: str, max_length: int, vocab_size: int, num_classes: int,
+                 on_bad_sample: str, quarantine: Path | None, cache_chunks: int):
+        self.index, self.task, self.max_length = index, task, max_length
+        self.vocab_size, self.num_classes = vocab_size, num_classes
+        self.on_bad_sample, self.quarantine = on_bad_sample, quarantine
+        self.cache: OrderedDict[int, tuple[Chunk, dict[int, str]]] = OrderedDict()
+        self.cache_chunks = cache_chunks
+
+    def chunk(self, c: int) -> tuple[Chunk, dict[int, str]]:
+        if c in self.cache:
+            self.cache.move_to_end(c)
+            return self.cache[c]
+        rows = int(self.index.chunk_offsets[c + 1] - self.index.chunk_offsets[c])
+        try:
+            chunk = self.index.read_chunk(c)
+            if len(chunk) != rows:
+                shard = self.index.shards[self.index.chunk_shard[c]]
+                raise BadSampleError(shard, f"chunk {int(self.index.chunk_local[c])}", f"has {len(chunk)} samples "
+                                     f"but the index says {rows}: the file changed after it was indexed",
+                                     fix="delete the index cache (data.cache_dir) or restore the file")
+            bad = find_bad_samples(chunk, task=self.task, vocab_size=self.vocab_size, num_classes=self.num_classes)
+        except BadSampleError as exc:
+            if self.on_bad_sample == "error":
+                raise
+            empty = Chunk(values=np.zeros((0,), np.int64), offsets=np.zeros(rows + 1, np.int64), labels=None)
+            chunk, bad = empty, {i: str(exc) for i in range(rows)}
+        self.cache[c] = (chunk, bad)
+        while len(self.cache) > self.cache_chunks:
+            self.cache.popitem(last=False)
+        return chunk, bad
+
+    def _report(self, sample_id: int, chunk: Chunk, local: int, problem: str, epoch: int) -> None:
+        shard, row = self.index.locate(sample_id)
+        where = chunk.where(local) if chunk.keys else row
+        if self.on_bad_sample == "error":
+            raise BadSampleError(shard, where, problem, fix="fix the data, or run with --data.on_bad_sample skip")
+        if self.quarantine is not None:
+            self.quarantine.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.quarantine, "a") as f:
+                f.write(json.dumps({"epoch": epoch, "sample_id": sample_id, "shard": shard, "where": where,
+                                    "problem": problem}) + "\n")
+
+    def __call__(self, ids: np.ndarray, *, weight: float, epoch: int, consumed: int) -> Batch:
+        cid = np.searchsorted(self.index.chunk_offsets, ids, side="right") - 1
+        parts, skipped = [], 0
+        for c in np.unique(cid):
+            chunk, bad = self.chunk(int(c))
+            sel = ids[cid == c]
+            local = sel - self.index.chunk_offsets[c]
+            if bad:
+                keep = np.array([int(i) not in bad for i in local])
+                for sid, i in zip(sel[~keep], local[~keep]):
+                    if weight:
+                        self._report(int(sid), chunk, int(i), bad[int(i)], epoch)
+                skipped += int((~keep).sum())
+                sel, local = sel[keep], local[keep]
+            if len(local):
+                parts.append((chunk, sel, local))
+        return self._pad(parts, weight=weight, epoch=epoch, consumed=consumed, skipped=skipped)
+
+    def _pad(self, parts, *, weight: float, epoch: int, consumed: int, skipped: int) -> Batch:
+        lm = self.task == "lm"
+        if not parts:  # every sample was bad: a zero-weight stand-in keeps the step count equal on all ranks
+            return self._empty(epoch=epoch, consumed=consumed, skipped=skipped)
+        lens = [np.minimum(np.diff(ch.offsets)[loc], self.max_length) for ch, _, loc in parts]
+        all_lens = np.concatenate(lens)
+        B, T = len(all_lens), int(all_lens.max())
+        first = parts[0][0].values
+        feat = first.ndim == 2
+        inputs = np.zeros((B, T, first.shape[1]) if feat else (B, T), dtype=first.dtype)
+        per_step = self.task in ("tag",)
+        targets = np.full((B, T), -100, np.int64) if per_step else None
+        labels = []
+        row = 0
+        for (chunk, _, local), ln in zip(parts, lens):
+            src = _segments(chunk.offsets[local], ln)
+            rows = np.repeat(np.arange(row, row + len(local)), ln)
+            cols = _segments(np.zeros(len(local), np.int64), ln)
+            inputs[rows, cols] = chunk.values[src]
+            if per_step:
+                targets[rows, cols] = chunk.labels[src]
+            elif chunk.labels is not None and not lm:
+                labels.append(chunk.labels[local])
+            row += len(local)
+        sample_ids = torch.from_numpy(np.concatenate([sel for _, sel, _ in parts]).astype(np.int64))
+        x, lengths = torch.from_numpy(inputs), torch.from_numpy(all_lens.astype(np.int64))
+        if lm:
+            y = x[:, 1:].clone()
+            y[torch.arange(T - 1)[None, :] >= (lengths[:, None] - 1)] = -100
+            return Batch(x[:, :-1].contiguous(), lengths - 1, y, sample_ids, weight, epoch, consumed, skipped)
+        if per_step:
+            y = torch.from_numpy(targets)
+        elif self.task == "regress":
+            y = torch.from_numpy(np.concatenate(labels).astype(np.float32))
+        else:
+            y = torch.from_numpy(np.concatenate(labels).astype(np.int64))
+        return Batch(x, lengths, y, sample_ids, weight, epoch, consumed, skipped)
+
+    def _empty(self, *, epoch: int, consumed: int, skipped: int) -> Batch:
+        width = None
+        for c in list(self.cache):
+            vals = self.cache[c][0].values
+            if vals.ndim == 2 and vals.shape[1]:
+                width = vals.shape[1]
+        x = torch.zeros((1, 2, width) if width else (1, 2), dtype=torch.float32 if width else torch.int64)
+        y = {"tag": torch.full((1, 2), -100), "lm": torch.full((1, 2), -100),
+             "regress": torch.zeros(1)}.get(self.task, torch.zeros(1, dtype=torch.int64))
+        return Batch(x, torch.tensor([2]), y, torch.tensor([-1]), 0.0, epoch, consumed, skipped)
+
+
+class _Stream(IterableDataset):
+    """This rank's batches from (epoch, consumed) on; each worker takes every W-th batch."""
+
+    def __init__(self, index: DatasetIndex, params: PlanParams, assembler: _Assembler, *, seed: int,
+                 dp_rank: int, dp_world_size: int, epoch: int, consumed: int, max_epochs: int):
+        self.index, self.params, self.assembler = index, params, assembler
+        self.seed, self.dp_rank, self.dp_world_size = seed, dp_rank, dp_world_size
+        self.epoch, self.consumed, self.max_epochs = epoch, consumed, max_epochs
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        k, epoch, start, N = 0, self.epoch, self.consumed, self.dp_world_size
+        while not self.max_epochs or epoch < self.max_epochs:
+            plan = EpochPlan(self.index.chunk_offsets, self.index.lengths, self.params, seed=self.seed, epoch=epoch)
+            if plan.num_batches == 0:
+                raise ValueError("the plan has no batches: the dataset is empty or every sample was dropped "
+                                 "(data.too_long=drop with a small data.max_length?)")
+            for i in range(plan.batches_per_rank(N, start)):
+                if k % workers == worker:
+                    ids, filler = plan.rank_batch(i, dp_rank=self.dp_rank, dp_world_size=N, start=start)
+                    yield self.assembler(ids, weight=0.0 if filler else 1.0, epoch=epoch,
+                                         consumed=start + (i + 1) * N)
+                k += 1
+            epoch, start = epoch + 1, 0
+
+
+class BatchLoader:
+    """Iterable of this rank's `Batch`es with an O(1) `state_dict()` of what was consumed."""
+
+    def __init__(self, index: DatasetIndex, params: PlanParams, *, task: str, seed: int, dp_rank: int,
+                 dp_world_size: int, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
+                 max_epochs: int = 0, vocab_size: int = 0, num_classes: int = 0, on_bad_sample: str = "error",
+                 quarantine: Path | None = None, agree: Callable[[int], bool] | None = None):
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank={dp_rank} outside dp_world_size={dp_world_size}")
+        self.index, self.params, self.seed = index, params, seed
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
+        self.max_epochs, self.agree = max_epochs, agree
+        self.assembler = _Assembler(index, task=task, max_length=params.max_length, vocab_size=vocab_size,
+                                    num_classes=num_classes, on_bad_sample=on_bad_sample, quarantine=quarantine,
+                                    cache_chunks=params.window_chunks + 1)
+        self.epoch, self.consumed = 0, 0
+        if params.too_long == "error":
+            self._refuse_too_long()
+
+    def _refuse_too_long(self) -> None:
+        over = np.flatnonzero(self.index.lengths > self.params.max_length)
+        if len(over):
+            shard, row = self.index.locate(int(over[0]))
+            raise ValueError(f"shard {shard}: {row}: length {int(self.index.lengths[over[0]])} exceeds "
+                             f"data.max_length={self.params.max_length} ({len(over)} samples in all); raise "
+                             f"data.max_length or set data.too_long=truncate|drop")
+
+    def plan_hash(self, epoch: int) -> int:
+        """What every rank must agree on before an epoch starts."""
+        key = f"{self.params.fingerprint()}|{self.index.fingerprint()}|{self.seed}|{epoch}|{self.dp_world_size}"
+        return int.from_bytes(__import__("hashlib").sha256(key.encode()).digest()[:7], "little")
+
+    def __iter__(self) -> Iterator[Batch]:
+        stream = _Stream(self.index, self.params, self.assembler, seed=self.seed, dp_rank=self.dp_rank,
+                         dp_world_size=self.dp_world_size, epoch=self.epoch, consumed=self.consumed,
+                         max_epochs=self.max_epochs)
+        workers = self.num_workers
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor if workers else None,
+                            persistent_workers=False)
+        checked = None
+        for batch in loader:
+            if batch.epoch != checked and self.agree is not None:
+                if not self.agree(self.plan_hash(batch.epoch)):
+                    raise RuntimeError(
+                        f"rank {self.dp_rank}: the data plan for epoch {batch.epoch} differs between ranks "
+                        f"(plan {self.params}, seed {self.seed}, dataset {self.index.fingerprint()}); every rank "
+                        f"must see the same shards and data.* settings")
+                checked = batch.epoch
+            plan_done = batch.consumed >= self._num_batches(batch.epoch)
+            self.epoch, self.consumed = (batch.epoch + 1, 0) if plan_done else (batch.epoch, batch.consumed)
+            yield batch
+
+    def _num_batches(self, epoch: int) -> int:
+        cached = getattr(self, "_counts", {})
+        if epoch not in cached:
+            cached = {epoch: EpochPlan(self.index.chunk_offsets, self.index.lengths, self.params, seed=self.seed,
+                                       epoch=epoch).num_batches}
+            self._counts = cached
+        return cached[epoch]
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
+                "world_size": self.dp_world_size, "seed": self.seed, "plan": self.params.fingerprint(),
+                "dataset": self.index.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume on exactly the next global batch. A different world size is fine (the position is
+        global); a different seed, plan or dataset is refused because the position would be meaningless."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        for key, mine in (("seed", self.seed), ("plan", self.params.fingerprint()),
+                          ("dataset", self.index.fingerprint())):
+            if state[key] != mine:
+                raise ValueError(f"cannot resume the data position: {key} changed since the checkpoint "
+                                 f"({state[key]} -> {mine}); restore the data.* settings and shards, or start "
+                                 f"fresh with --checkpoint.resume never")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+def build_loader(index: DatasetIndex, data_cfg, *, task: str, dp_rank: int, dp_world_size: int,
+                 vocab_size: int, num_classes: int, pin_memory: bool, run_dir: Path | None,
+                 agree=None, shuffle: bool = True, max_epochs: int = 0, num_workers: int | None = None) -> BatchLoader:
+    params = PlanParams(max_tokens=data_cfg.max_tokens, min_batch_size=data_cfg.min_batch_size,
+                        max_batch_size=data_cfg.max_batch_size, max_length=data_cfg.max_length,
+                        too_long=data_cfg.too_long, window_chunks=data_cfg.window_chunks, shuffle=shuffle)
+    quarantine = run_dir / "quarantine" / f"rank{dp_rank:05d}.jsonl" if run_dir else None
+    return BatchLoader(index, params, task=task, seed=data_cfg.seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
+                       num_workers=data_cfg.num_workers if num_workers is None else num_workers,
+                       prefetch_factor=data_cfg.prefetch_factor, pin_memory=pin_memory, max_epochs=max_epochs,
+                       vocab_size=vocab_size, num_classes=num_classes, on_bad_sample=data_cfg.on_bad_sample,
+                       quarantine=quarantine, agree=agree)

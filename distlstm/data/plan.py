@@ -1,0 +1,173 @@
+"""The data plan: which samples form which batch, and which rank gets it. Pure functions of
+(lengths, seed, epoch, world size); no process group, no I/O, so every rank computes the same plan
+and tests can simulate 64 ranks in one process.
+
+One epoch, step by step:
+1. a seeded permutation orders the chunks (Parquet row groups or tar shards);
+2. consecutive runs of `window_chunks` chunks form windows; only one window is materialised at a time;
+3. in a window, samples are sorted by length (random tie-break) and cut into batches within
+   geometric length buckets, `max(min_batch_size, max_tokens // bucket_len)` samples each, so the
+   padded size stays under the token budget while long buckets keep a batch-size floor;
+4. batch order is shuffled within the window. The concatenation over windows is the epoch's list of
+   *global* batches; it does not depend on the world size.
+
+Rank `r` of `N`, resuming at global batch `start`, takes `start + r, start + r + N, ...`. When fewer
+than `N` batches remain in the last round, the ranks without one get a *filler* (a copy of the
+epoch's last batch with weight 0), so every rank runs `ceil((G - start) / N)` steps and DDP never
+waits on a rank that ran out. Because the state is just (epoch, global batches consumed), a restart
+on a different number of ranks continues the epoch with nothing repeated and nothing skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+
+# Geometric bucket edges: a bucket spans lengths (edge[k-1], edge[k]]. 5% steps keep the worst-case
+# padding inside a bucket small, and sorting inside the window makes the typical case far smaller.
+_BUCKET_GROWTH = 1.05
+_MIN_BUCKET_LEN = 8
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    """Everything besides the data that decides the plan (hashed across ranks at each epoch start)."""
+
+    max_tokens: int
+    min_batch_size: int = 1
+    max_batch_size: int = 0
+    max_length: int = 1024
+    too_long: str = "truncate"
+    window_chunks: int = 16
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.too_long not in ("truncate", "drop", "error"):
+            raise ValueError(f"too_long={self.too_long!r}; choose truncate, drop or error")
+        if min(self.max_tokens, self.min_batch_size, self.max_length, self.window_chunks) < 1:
+            raise ValueError(f"plan parameters must be positive: {self}")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def bucket_edges(max_length: int) -> np.ndarray:
+    edges = [min(_MIN_BUCKET_LEN, max_length)]
+    while edges[-1] < max_length:
+        edges.append(min(max_length, max(edges[-1] + 1, math.ceil(edges[-1] * _BUCKET_GROWTH))))
+    return np.asarray(edges, dtype=np.int64)
+
+
+def bucket_batch_sizes(edges: np.ndarray, params: PlanParams) -> np.ndarray:
+    sizes = np.maximum(params.min_batch_size, params.max_tokens // edges)
+    if params.max_batch_size:
+        sizes = np.minimum(sizes, params.max_batch_size)
+    return sizes.astype(np.int64)
+
+
+def _rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, *stream])
+
+
+def _segments(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Concatenated aranges: starts[i] .. starts[i]+sizes[i]-1, vectorised."""
+    total = int(sizes.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    seg_begin = np.cumsum(sizes) - sizes
+    return np.repeat(starts - seg_begin, sizes) + np.arange(total, dtype=np.int64)
+
+
+class EpochPlan:
+    """One epoch's global batches. Counting is cheap (per-window bincounts); a window's batches are
+    materialised on demand, so memory follows the window, not the dataset."""
+
+    def __init__(self, chunk_offsets: np.ndarray, lengths: np.ndarray, params: PlanParams, *,
+                 seed: int, epoch: int):
+        self.params, self.seed, self.epoch = params, seed, epoch
+        self._offsets = np.asarray(chunk_offsets, dtype=np.int64)
+        self._lengths = lengths
+        self._edges = bucket_edges(params.max_length)
+        self._sizes = bucket_batch_sizes(self._edges, params)
+        n_chunks = len(self._offsets) - 1
+        order = _rng(seed, epoch, 0).permutation(n_chunks) if params.shuffle else np.arange(n_chunks)
+        self._windows = [order[i:i + params.window_chunks] for i in range(0, n_chunks, params.window_chunks)]
+        counts = np.array([self._count_batches(w) for w in range(len(self._windows))], dtype=np.int64)
+        self._window_start = np.concatenate([[0], np.cumsum(counts)])
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def num_batches(self) -> int:
+        return int(self._window_start[-1])
+
+    def _window_samples(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        chunks = self._windows[w]
+        ids = _segments(self._offsets[chunks], self._offsets[chunks + 1] - self._offsets[chunks])
+        lens = self._lengths[ids].astype(np.int64)
+        if self.params.too_long == "drop":
+            keep = lens <= self.params.max_length
+            ids, lens = ids[keep], lens[keep]
+        return ids, np.minimum(lens, self.params.max_length)
+
+    def _count_batches(self, w: int) -> int:
+        _, lens = self._window_samples(w)
+        per_bucket = np.bincount(np.searchsorted(self._edges, lens), minlength=len(self._edges))
+        return int((-(-per_bucket // self._sizes)).sum())
+
+    def window_batches(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(batch_offsets, sample_ids) of window `w`; batch b is sample_ids[offsets[b]:offsets[b+1]]."""
+        if self._cache is not None and self._cache[0] == w:
+            return self._cache[1], self._cache[2]
+        ids, lens = self._window_samples(w)
+        rng = _rng(self.seed, self.epoch, 1, w)
+        tie = rng.random(len(ids)) if self.params.shuffle else np.arange(len(ids))
+        order = np.lexsort((tie, lens))
+        ids, buckets = ids[order], np.searchsorted(self._edges, lens[order])
+        # Position of each sample within its bucket -> batch number within the bucket.
+        first = np.searchsorted(buckets, buckets, side="left")
+        batch_key = buckets * (len(ids) + 1) + (np.arange(len(ids)) - first) // self._sizes[buckets]
+        starts = np.flatnonzero(np.r_[True, batch_key[1:] != batch_key[:-1]]) if len(ids) else np.zeros(0, np.int64)
+        sizes = np.diff(np.r_[starts, len(ids)])
+        perm = rng.permutation(len(starts)) if self.params.shuffle else np.arange(len(starts))
+        sample_ids = ids[_segments(starts[perm], sizes[perm])]
+        offsets = np.concatenate([[0], np.cumsum(sizes[perm])]).astype(np.int64)
+        self._cache = (w, offsets, sample_ids)
+        return offsets, sample_ids
+
+    def batch(self, g: int) -> np.ndarray:
+        """Sample ids of global batch `g`."""
+        if not 0 <= g < self.num_batches:
+            raise IndexError(f"global batch {g} outside epoch of {self.num_batches}")
+        w = int(np.searchsorted(self._window_start, g, side="right") - 1)
+        offsets, ids = self.window_batches(w)
+        b = g - int(self._window_start[w])
+        return ids[offsets[b]:offsets[b + 1]]
+
+    def batches_per_rank(self, dp_world_size: int, start: int = 0) -> int:
+        return max(0, -(-(self.num_batches - start) // dp_world_size))
+
+    def rank_batch(self, i: int, *, dp_rank: int, dp_world_size: int, start: int = 0) -> tuple[np.ndarray, bool]:
+        """The i-th batch of rank `dp_rank`: (sample ids, is_filler)."""
+        g = start + dp_rank + i * dp_world_size
+        if g < self.num_batches:
+            return self.batch(g), False
+        return self.batch(self.num_batches - 1), True
+
+    def rank_batches(self, *, dp_rank: int, dp_world_size: int, start: int = 0) -> Iterator[tuple[np.ndarray, bool]]:
+        for i in range(self.batches_per_rank(dp_world_size, start)):
+            yield self.rank_batch(i, dp_rank=dp_rank, dp_world_size=dp_world_size, start=start)
+
+
+def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray], max_length: int) -> float:
+    """1 - real tokens / padded tokens over `batches` (lists of sample ids)."""
+    real = padded = 0
+    for ids in batches:
+        lens = np.minimum(lengths[ids], max_length)
+        real += int(lens.sum())
+        padded += int(lens.max()) * len(ids)
+    return 1.0 - real / max(padded, 1)

@@ -1,0 +1,74 @@
+"""Everything about running one model on many devices: DDP wrapping and the mixed-precision policy.
+Model code stays free of torch.distributed; the trainer asks this module for the wrapped model."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distlstm.world import World
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def apply_ddp(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """Wrap in DDP when there is more than one rank. DDP broadcasts rank 0's parameters at
+    construction, so every rank starts from the same weights whatever its seed."""
+    if not world.is_distributed:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    # Gradient buckets as views avoid one copy of every gradient per step.
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def no_sync(model: nn.Module, skip: bool):
+    """DDP's no_sync on all but the last micro-batch: gradients accumulate locally and are
+    all-reduced once, by the last backward, instead of once per micro-batch."""
+    if skip and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+@dataclass
+class AmpPolicy:
+    """Autocast dtype for forward passes, and a GradScaler for fp16 (bf16 needs none)."""
+
+    precision: str
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        if self.precision not in _DTYPES:
+            raise ValueError(f"train.precision={self.precision!r}; choose fp32, bf16 or fp16")
+        self.dtype = _DTYPES[self.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def control_group(backend: str):
+    """A gloo group for small host-side agreements (stop flags, token counts, plan hashes): on NCCL
+    these would each force a GPU sync; on gloo they cost a few microseconds on the CPU."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+
+
+def all_reduce_host(values: list[float], group, op=dist.ReduceOp.SUM) -> list[float]:
+    """All-reduce a few host numbers over the control group (identity in one process)."""
+    if group is None:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=op, group=group)
+    return t.tolist()

@@ -1,0 +1,329 @@
+"""The training loop, shared by every task: `train_step`, evaluation, logging and checkpoint cadence."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distlstm.config import Config
+from distlstm.data.batch import Batch
+from distlstm.models.lstm import loss_and_metrics
+from distlstm.parallel import AmpPolicy, all_reduce_host, no_sync, unwrap
+from distlstm.world import World
+
+
+def item_count(batch: Batch, task: str) -> int:
+    """What the loss is averaged over: real tokens with a target (tag, lm) or samples. Host-side."""
+    if batch.weight == 0:
+        return 0
+    if task in ("tag", "lm"):
+        return int((batch.targets != -100).sum())
+    return int(batch.lengths.shape[0])
+
+
+def lr_lambda(optim_cfg, max_steps: int):
+    """Linear warmup, then cosine to min_lr_ratio at max_steps (or constant)."""
+    def factor(step: int) -> float:
+        if optim_cfg.warmup_steps and step < optim_cfg.warmup_steps:
+            return (step + 1) / optim_cfg.warmup_steps
+        if optim_cfg.schedule == "constant" or not max_steps:
+            return 1.0
+        progress = min(1.0, (step - optim_cfg.warmup_steps) / max(1, max_steps - optim_cfg.warmup_steps))
+        return optim_cfg.min_lr_ratio + (1 - optim_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_optimizer(model: nn.Module, optim_cfg, max_steps: int, device: torch.device):
+    """AdamW (fused: it takes the non-finite flag as a tensor, so skipping a bad step needs no host
+    sync) with weight decay on matrices only, and the warmup + cosine schedule."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
+                                  eps=optim_cfg.eps, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, max_steps))
+    return optimizer, scheduler
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0
+    micro_steps: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+    bad_samples: int = 0
+    elapsed_s: float = 0.0
+    best: dict = field(default_factory=dict)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Owns the step. `main()` builds the pieces (see distlstm/train.py) and calls `fit()`."""
+
+    def __init__(self, cfg: Config, world: World, *, model: nn.Module, optimizer, scheduler, amp: AmpPolicy,
+                 device: torch.device, train_loader, valid_loader=None, control_group=None, reporter=None,
+                 checkpoints=None, preempt=None, run_dir: Path | None = None, log=print):
+        self.cfg, self.world, self.model, self.optimizer, self.scheduler = cfg, world, model, optimizer, scheduler
+        self.amp, self.device, self.group = amp, device, control_group
+        self.train_loader, self.valid_loader = train_loader, valid_loader
+        self.reporter, self.checkpoints, self.preempt = reporter, checkpoints, preempt
+        self.run_dir, self.log = run_dir, log
+        self.task = unwrap(model).task
+        self.state = TrainState()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # Consecutive non-finite steps, kept on the device and read only at the log cadence.
+        self.bad_run = torch.zeros((), device=device)
+        self.grad_norm = torch.zeros((), device=device)
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.item_sum = 0.0
+        self.last_micro: list[Batch] = []
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, micro_batches: list[Batch]) -> None:
+        """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
+        model, amp = self.model, self.amp
+        # The loss is a sum over real items divided by the item count of the whole step: all
+        # micro-batches on all ranks. Dividing per micro-batch (or per rank) would weight short
+        # batches more and make accumulation or world size change the gradient.
+        local_items = float(sum(item_count(b, self.task) for b in micro_batches))
+        (global_items,) = all_reduce_host([local_items], self.group)
+        # DDP averages gradients over ranks; multiply by world size to undo that average.
+        scale = self.world.world_size / max(global_items, 1.0)
+        for i, batch in enumerate(micro_batches):
+            batch = batch.to(self.device, non_blocking=True)
+            with no_sync(model, skip=i < len(micro_batches) - 1):
+                with amp.autocast():
+                    outputs = model(batch.inputs, batch.lengths)
+                loss_sum, _, _ = loss_and_metrics(self.task, outputs, batch.targets, batch.lengths)
+                loss = loss_sum * (scale * batch.weight)
+                (amp.scaler.scale(loss) if amp.scaler else loss).backward()
+            self.loss_sum += loss_sum.detach().double() * batch.weight
+        self.item_sum += local_items
+        self._optimizer_step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _optimizer_step(self) -> None:
+        clip = self.cfg.optim.grad_clip or float("inf")
+        if self.amp.scaler is not None:
+            scaler = self.amp.scaler
+            scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+            before = scaler.get_scale()
+            scaler.step(self.optimizer)
+            scaler.update()
+            # A step the scaler skipped (overflow) must not advance the LR schedule. This comparison
+            # is fp16's one host sync per step; bf16 and fp32 need none.
+            if scaler.get_scale() < before:
+                self.state.skipped_steps += 1
+                return
+            self.scheduler.step()
+            return
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+        bad = (~torch.isfinite(self.grad_norm)).float()
+        # Fused AdamW skips the update where found_inf is set, without the host knowing.
+        self.optimizer.found_inf, self.optimizer.grad_scale = bad, None
+        self.optimizer.step()
+        del self.optimizer.found_inf, self.optimizer.grad_scale
+        self.bad_run = (self.bad_run + bad) * bad
+        self.scheduler.step()
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        batches = iter(self.train_loader)
+        meter_start, interval = time.perf_counter(), _Interval()
+        last_save = time.monotonic()
+        result = {}
+        while not cfg.train.max_steps or self.state.step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            micro = list(islice(batches, cfg.train.accum_steps))
+            interval.data_wait += time.perf_counter() - t0
+            if not micro:
+                break  # max_epochs reached (every rank has the same batch count, so all stop here)
+            for b in micro:
+                interval.add(b, self.task)
+            self.train_step(micro)
+            self.last_micro = micro
+            self.state.step += 1
+            self.state.micro_steps += len(micro)
+            if self.reporter:
+                self.reporter.advance()
+            if self.state.step % cfg.log.every_steps == 0:
+                self._log_interval(interval)
+                interval = _Interval()
+            if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
+                result = self.evaluate()
+            stop, due = self._agree_flags(last_save)
+            if stop or due or (cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0):
+                self.save()
+                last_save = time.monotonic()
+            if stop:
+                return {"stopped": "preempted", "step": self.state.step}
+        self.state.elapsed_s += time.perf_counter() - meter_start
+        if interval.steps:
+            self._log_interval(interval)
+        if not cfg.train.eval_every or self.state.step % cfg.train.eval_every or not result:
+            result = self.evaluate()
+        if cfg.checkpoint.at_end:
+            self.save()
+        return {"stopped": "finished", "step": self.state.step, **result}
+
+    def _agree_flags(self, last_save: float) -> tuple[bool, bool]:
+        """(preempted, time-based save due), agreed by all ranks so they all save at the same step."""
+        every_min = self.cfg.checkpoint.every_minutes
+        preempted = float(self.preempt.requested) if self.preempt is not None else 0.0
+        due = float(bool(every_min) and time.monotonic() - last_save >= every_min * 60)
+        if self.group is None or (self.preempt is None and not every_min):
+            return bool(preempted), bool(due)
+        preempted, due = all_reduce_host([preempted, due], self.group, op=dist.ReduceOp.MAX)
+        return bool(preempted), bool(due)
+
+    def _log_interval(self, interval: "_Interval") -> None:
+        """The one place the step's device values reach the host (besides fp16's scale check)."""
+        elapsed = time.perf_counter() - interval.started
+        loss_sum = float(self.loss_sum)
+        bad_run = int(self.bad_run)
+        sums = all_reduce_host([loss_sum, self.item_sum, interval.real, interval.padded, interval.skipped],
+                               self.group)
+        self.loss_sum.zero_()
+        self.item_sum = 0.0
+        self.state.tokens += int(sums[2])
+        self.state.bad_samples += int(sums[4])
+        if bad_run >= self.cfg.train.max_bad_steps:
+            raise NonFiniteError(self._diagnose_nonfinite(bad_run))
+        values = {"loss": sums[0] / max(sums[1], 1.0), "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": float(self.grad_norm), "tokens_per_s": sums[2] / max(elapsed, 1e-9),
+                  "padding": 1.0 - sums[2] / max(sums[3], 1.0), "data_wait": interval.data_wait / max(elapsed, 1e-9),
+                  "skipped_samples": int(sums[4]), "epoch": self.train_loader.epoch}
+        if self.amp.scaler is not None:
+            values["loss_scale"] = self.amp.scaler.get_scale()
+        if self.reporter:
+            self.reporter.log("train", self.state.step, values)
+
+    def _diagnose_nonfinite(self, bad_run: int) -> str:
+        """Re-run the last micro-batch with hooks to name the first module whose output or gradient
+        is not finite."""
+        model = unwrap(self.model)
+        found: list[str] = []
+        hooks = []
+        for name, module in model.named_modules():
+            def fwd(mod, inp, out, name=name):
+                t = out[0] if isinstance(out, tuple) else out
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() and not found:
+                    found.append(f"output of module '{name or 'model'}' ({type(mod).__name__})")
+            hooks.append(module.register_forward_hook(fwd))
+        for name, p in model.named_parameters():
+            hooks.append(p.register_hook(lambda g, name=name: found.append(f"gradient of '{name}'")
+                                         if not torch.isfinite(g).all() and not found else None))
+        try:
+            batch = self.last_micro[-1].to(self.device)
+            with self.amp.autocast():
+                out = model(batch.inputs, batch.lengths)
+            loss_sum, _, _ = loss_and_metrics(self.task, out, batch.targets, batch.lengths)
+            if not found and not torch.isfinite(loss_sum):
+                found.append("the loss")
+            loss_sum.backward()
+        finally:
+            for h in hooks:
+                h.remove()
+            self.optimizer.zero_grad(set_to_none=True)
+        where = found[0] if found else "no module on the last micro-batch (an earlier batch?)"
+        return (f"{bad_run} consecutive optimizer steps had a non-finite gradient (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); first non-finite value: {where}; try a lower optim.lr, "
+                f"optim.grad_clip, or train.precision bf16/fp32, and check the data for extreme values")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.valid_loader is None:
+            return {}
+        model = unwrap(self.model)
+        model.eval()
+        loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        extra = torch.zeros((), device=self.device, dtype=torch.float64)
+        batches = 0
+        for batch in self.valid_loader:
+            if self.cfg.train.eval_max_batches and batches >= self.cfg.train.eval_max_batches:
+                break
+            batches += 1
+            batch_dev = batch.to(self.device, non_blocking=True)
+            with self.amp.autocast():
+                out = model(batch_dev.inputs, batch_dev.lengths)
+            l, c, m = loss_and_metrics(self.task, out, batch_dev.targets, batch_dev.lengths)
+            loss += l.double() * batch.weight
+            count += c.double() * batch.weight
+            extra += (m.get("correct", m.get("sq_err", torch.zeros((), device=self.device)))).double() * batch.weight
+        self.valid_loader.epoch, self.valid_loader.consumed = 0, 0
+        model.train()
+        loss_v, count_v, extra_v = all_reduce_host([float(loss), float(count), float(extra)], self.group)
+        n = max(count_v, 1.0)
+        values = {"loss": loss_v / n, "items": int(count_v)}
+        if self.task in ("classify", "tag"):
+            values["accuracy"] = extra_v / n
+        elif self.task == "lm":
+            values["perplexity"] = math.exp(min(loss_v / n, 50.0))
+        else:
+            values["mse"] = loss_v / n
+        if self.reporter:
+            self.reporter.log("valid", self.state.step, values)
+        return {f"valid_{k}": v for k, v in values.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def app_state(self) -> dict:
+        from distlstm.checkpoint import rng_state
+        extra = {"train": self.state.__dict__, "scheduler": self.scheduler.state_dict(),
+                 "loader": self.train_loader.state_dict(),
+                 "scaler": self.amp.scaler.state_dict() if self.amp.scaler else None}
+        return {"model": self.model, "optim": self.optimizer, "extra": json.loads(json.dumps(extra)),
+                "rank_state": rng_state()}
+
+    def save(self) -> None:
+        if self.checkpoints is None:
+            return
+        self.checkpoints.save(self.state.step, self.app_state())
+
+    def restore(self, loaded: dict) -> None:
+        """Apply what CheckpointManager.load_* returned (model and optimizer were loaded in place)."""
+        from distlstm.checkpoint import set_rng_state
+        extra = loaded["extra"]
+        self.state = TrainState(**extra["train"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.train_loader.load_state_dict(extra["loader"])
+        if self.amp.scaler is not None and extra.get("scaler"):
+            self.amp.scaler.load_state_dict(extra["scaler"])
+        if loaded.get("rank_state") is not None and loaded.get("world_size") == self.world.world_size:
+            set_rng_state(loaded["rank_state"])
+        else:
+            # Elastic resume: this rank had no counterpart; derive a fresh RNG stream from the seed.
+            torch.manual_seed(self.cfg.train.seed + 1000 * self.world.rank + self.state.step)
+
+
+class _Interval:
+    """Host-side counts over one log interval."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.real = self.padded = self.skipped = 0
+        self.data_wait = 0.0
+        self.steps = 0
+
+    def add(self, batch: Batch, task: str) -> None:
+        self.steps += 1
+        if batch.weight:
+            self.real += batch.num_tokens
+            self.padded += batch.padded_tokens
+        self.skipped += batch.num_skipped
