@@ -1,0 +1,606 @@
+"""`python -m distlstm.prep`: raw text / JSONL / CSV -> Parquet or tar shards + manifest.json.
+
+Two streaming passes over the input: pass 1 builds the vocabulary and label set and counts records;
+pass 2 tokenises, splits train/valid and writes shards. Memory holds one document's token ids at a
+time (4 bytes per token): split huge single-document text with --doc-per line or blank-line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+TASKS = ("classify", "regress", "tag", "lm")
+_WORD = re.compile(r"\w+|[^\w\s]")
+_OUTPUTS = ("train", "valid", "vocab.json", "labels.json")
+
+EXAMPLES = """examples:
+  # character-level language modelling on one text file, 256-token sequences, Parquet shards
+  python -m distlstm.prep --text data/tinyshakespeare.txt --tokenizer char --seq-len 256 --out data/shakespeare
+  # same, nanoGPT-style split (last 10%% of the text is the validation set), tar shards
+  python -m distlstm.prep --text book.txt --split tail --valid-fraction 0.1 --format tar --out data/book
+  # sequence classification from JSONL: {"text": "...", "label": "positive"}
+  python -m distlstm.prep --jsonl reviews.jsonl --tokens-field text --tokenizer word --label-field label \\
+      --task classify --out data/reviews
+  # regression from CSV with pre-tokenised ids in a JSON cell: ids,y  ->  "[3, 17, 5]",0.25
+  python -m distlstm.prep --csv rows.csv --tokens-field ids --label-field y --task regress --out data/rows
+  # per-step tagging of float feature vectors: {"x": [[0.1, 2.0], ...], "tags": [0, 1, ...]}
+  python -m distlstm.prep --jsonl sensors.jsonl --features-field x --label-field tags --task tag --out data/s
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m distlstm.prep", description=__doc__, epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("input (exactly one of --text, --jsonl, --csv)")
+    src.add_argument("--text", nargs="+", metavar="FILE", help="plain UTF-8 text files (task lm only)")
+    src.add_argument("--jsonl", nargs="+", metavar="FILE", help="JSON Lines files, one record per line")
+    src.add_argument("--csv", nargs="+", metavar="FILE", help="CSV files with a header row; list-valued cells "
+                     "are JSON (\"[1, 2, 3]\"), any other sequence cell is text for --tokenizer")
+    src.add_argument("--tokens-field", metavar="NAME", help="JSONL/CSV field holding token ids (a list of ints) "
+                     "or text (tokenised with --tokenizer)")
+    src.add_argument("--features-field", metavar="NAME", help="JSONL/CSV field holding float feature vectors, "
+                     "a list of T lists of F floats")
+    src.add_argument("--label-field", metavar="NAME", help="JSONL/CSV field holding the label: an int or a "
+                     "string class (classify), a float or list of floats (regress), a list per step (tag)")
+    src.add_argument("--doc-per", choices=("file", "line", "blank-line"), default="file",
+                     help="--text: what one document is; lm chunks never cross documents (default: file)")
+    task = p.add_argument_group("task and tokenisation")
+    task.add_argument("--task", choices=TASKS,
+                      help="what the labels are for; default lm for --text, required otherwise")
+    task.add_argument("--tokenizer", choices=("char", "word"), default="char",
+                      help="for text: char = every character is a token; word = words and punctuation "
+                      "(regex \\w+|[^\\w\\s]). Vocabulary ids start at 1, id 0 is <unk>/pad (default: char)")
+    task.add_argument("--min-count", type=int, default=1, help="tokens seen fewer times map to <unk> (default: 1)")
+    task.add_argument("--max-vocab", type=int, default=0, help="keep only the most frequent N tokens; 0 = all")
+    task.add_argument("--seq-len", type=int, default=256, help="lm: tokens per training sequence; each sample "
+                      "stores seq_len + 1 tokens (inputs and shifted targets) (default: 256)")
+    task.add_argument("--stride", type=int, default=0, help="lm: tokens between starts of consecutive samples, "
+                      "1..seq_len; < seq_len overlaps samples (default: seq_len, no overlap)")
+    task.add_argument("--max-len", type=int, default=0, help="classify/regress/tag: truncate longer sequences "
+                      "to this many steps; 0 = keep whole (default: 0)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", required=True, metavar="DIR", help="output directory (local); gets train/, valid/, "
+                     "vocab.json (text inputs), labels.json (string labels)")
+    out.add_argument("--format", choices=("parquet", "tar"), default="parquet", help="shard format (default: parquet)")
+    out.add_argument("--shard-size-mb", type=float, default=128.0, help="target shard size in MB (default: 128)")
+    out.add_argument("--rows-per-group", type=int, default=1024, help="Parquet rows per row group, the unit "
+                     "the loader reads (default: 1024)")
+    out.add_argument("--valid-fraction", type=float, default=0.05, help="fraction of samples in valid/; "
+                     "0 = no valid/ directory (default: 0.05)")
+    out.add_argument("--split", choices=("random", "tail"), default="random",
+                     help="random = every block of --split-block samples goes to valid with the given fraction, "
+                     "stratified so the fraction is exact; tail = the last fraction of every document (lm only) "
+                     "(default: random)")
+    out.add_argument("--split-block", type=int, default=1, help="random split unit in consecutive samples; raise "
+                     "it with overlapping --stride so that valid text is not seen in training (default: 1)")
+    out.add_argument("--seed", type=int, default=0, help="seed of the train/valid split (default: 0)")
+    out.add_argument("--overwrite", action="store_true", help="replace a previous prep output in --out")
+    out.add_argument("--skip-bad", action="store_true", help="skip records with missing or malformed fields "
+                     "(counted and reported) instead of stopping at the first")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _fail(message: str) -> None:
+    raise SystemExit(f"distlstm.prep: error: {message}")
+
+
+def _check_args(a: argparse.Namespace) -> None:
+    inputs = [name for name in ("text", "jsonl", "csv") if getattr(a, name)]
+    if len(inputs) != 1:
+        _fail(f"give exactly one of --text, --jsonl, --csv (got {', '.join('--' + i for i in inputs) or 'none'})")
+    a.input_kind = inputs[0]
+    a.files = getattr(a, a.input_kind)
+    for path in a.files:
+        if not os.path.isfile(path):
+            _fail(f"input file {path} does not exist")
+    if a.input_kind == "text":
+        if a.task not in (None, "lm"):
+            _fail(f"--task {a.task} needs labels; plain --text supports only --task lm (use --jsonl/--csv)")
+        a.task = "lm"
+    else:
+        if bool(a.tokens_field) == bool(a.features_field):
+            _fail("give exactly one of --tokens-field, --features-field for --jsonl/--csv")
+        if a.task is None:
+            _fail("--task is required for --jsonl/--csv (classify, regress, tag or lm)")
+        if a.task != "lm" and not a.label_field:
+            _fail(f"--task {a.task} needs --label-field")
+        if a.task == "lm" and a.features_field:
+            _fail("--task lm needs token ids (--tokens-field), not --features-field")
+    a.stride = a.stride or a.seq_len
+    if a.seq_len < 1 or not 1 <= a.stride <= a.seq_len:
+        _fail(f"--seq-len {a.seq_len} / --stride {a.stride}: need seq_len >= 1 and 1 <= stride <= seq_len")
+    if not 0.0 <= a.valid_fraction < 1.0:
+        _fail(f"--valid-fraction {a.valid_fraction}: must be in [0, 1)")
+    if a.split == "tail" and a.task != "lm":
+        _fail("--split tail is for --task lm; use --split random")
+    for flag in ("shard_size_mb", "rows_per_group", "split_block"):
+        if getattr(a, flag) <= 0:
+            _fail(f"--{flag.replace('_', '-')} must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _tokenize(text: str, tokenizer: str) -> list[str]:
+    return list(text) if tokenizer == "char" else _WORD.findall(text)
+
+
+def _text_documents(paths: list[str], doc_per: str) -> Iterator[tuple[str, list[str]]]:
+    """(where, lines) per document; for doc_per=file the lines come in pieces of at most 64k lines."""
+    for path in paths:
+        with open(path, encoding="utf-8", newline="") as f:
+            lines, start = [], 1
+            for lineno, line in enumerate(f, 1):
+                if doc_per == "line":
+                    yield f"{path}:{lineno}", [line]
+                elif doc_per == "blank-line" and not line.strip():
+                    if lines:
+                        yield f"{path}:{start}", lines + [line]
+                    lines, start = [], lineno + 1
+                else:
+                    lines.append(line)
+                    if doc_per == "file" and len(lines) >= 65536:
+                        yield f"{path}:{start}+", lines  # "+": the same document continues
+                        lines, start = [], lineno + 1
+            if lines:
+                yield f"{path}:{start}", lines
+
+
+def _parse_cell(value: Any, where: str, name: str) -> Any:
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError(f"{where}: field '{name}' starts with '[' but is not valid JSON") from None
+    return value
+
+
+def _records(a) -> Iterator[tuple[str, Any, Any]]:
+    """(where, sequence field, label field) per JSONL/CSV record."""
+    seq_field = a.tokens_field or a.features_field
+    for path in a.files:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = (json.loads(line) if line.strip() else None for line in f) if a.input_kind == "jsonl" \
+                else csv.DictReader(f)
+            for number, row in enumerate(rows, 1 if a.input_kind == "jsonl" else 2):
+                where = f"{path}:{number}"
+                if row is None:
+                    continue
+                if not isinstance(row, dict) or seq_field not in row or (a.label_field and a.label_field not in row):
+                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    wanted = f"'{seq_field}'" + (f" and '{a.label_field}'" if a.label_field else "")
+                    yield where, ValueError(f"{where}: needs fields {wanted}, has {keys}"), None
+                    continue
+                try:
+                    seq = _parse_cell(row[seq_field], where, seq_field)
+                    label = _parse_cell(row[a.label_field], where, a.label_field) if a.label_field else None
+                except ValueError as exc:
+                    yield where, exc, None
+                    continue
+                yield where, seq, label
+
+
+# ---------------------------------------------------------------------------------------------- pass 1
+
+
+@dataclass
+class Survey:
+    """What pass 1 learns: vocabulary, label classes, sizes."""
+
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    max_token_id: int = -1
+    labels: set = field(default_factory=set)
+    max_label: int = -1
+    input_size: int | None = None
+    doc_tokens: list[int] = field(default_factory=list)
+    records: int = 0
+    itos: list[str] | None = None
+    label_ids: dict | None = None
+
+
+def _survey(a) -> Survey:
+    s = Survey()
+    if a.input_kind == "text":
+        last_doc = None
+        for where, lines in tqdm(_text_documents(a.files, a.doc_per), desc="pass 1/2", unit="doc", disable=a.quiet):
+            n = 0
+            for line in lines:
+                tokens = _tokenize(line, a.tokenizer)
+                s.counts.update(tokens)
+                n += len(tokens)
+            if last_doc is not None and last_doc.endswith("+") and where.split(":")[0] == last_doc.split(":")[0]:
+                s.doc_tokens[-1] += n
+            else:
+                s.doc_tokens.append(n)
+            last_doc = where
+            s.records += 1
+    else:
+        for where, seq, label in tqdm(_records(a), desc="pass 1/2", unit="rec", disable=a.quiet):
+            s.records += 1
+            if isinstance(seq, Exception):
+                continue
+            if isinstance(seq, str):
+                tokens = _tokenize(seq, a.tokenizer)
+                s.counts.update(tokens)
+                s.doc_tokens.append(len(tokens))
+            elif a.tokens_field and isinstance(seq, list):
+                s.max_token_id = max([s.max_token_id] + [t for t in seq if isinstance(t, int)])
+                s.doc_tokens.append(len(seq))
+            elif a.features_field and isinstance(seq, list) and seq and isinstance(seq[0], list):
+                s.input_size = s.input_size or len(seq[0])
+            for value in (label if a.task == "tag" and isinstance(label, list) else [label]):
+                if isinstance(value, str) and a.task in ("classify", "tag"):
+                    try:
+                        value = int(value)
+                    except ValueError:
+                        s.labels.add(value)
+                        continue
+                if isinstance(value, int) and not isinstance(value, bool):
+                    s.max_label = max(s.max_label, value)
+    if s.counts:
+        ranked = sorted(((t, c) for t, c in s.counts.items() if c >= a.min_count), key=lambda tc: (-tc[1], tc[0]))
+        if a.max_vocab:
+            ranked = ranked[: a.max_vocab]
+        s.itos = ["<unk>"] + [t for t, _ in ranked]
+    if s.labels:
+        if s.max_label >= 0:
+            _fail(f"labels in '{a.label_field}' mix integers and strings ({sorted(s.labels)[:3]}...); use one kind")
+        s.label_ids = {name: i for i, name in enumerate(sorted(s.labels))}
+    return s
+
+
+# ---------------------------------------------------------------------------------------------- pass 2
+
+
+def _to_sample(a, s: Survey, stoi: dict, seq: Any, label: Any, where: str) -> tuple[np.ndarray, Any]:
+    """One record as (sequence array, label); ValueError naming `where` if malformed."""
+    if isinstance(seq, str):
+        if a.features_field:
+            raise ValueError(f"{where}: '{a.features_field}' is text, expected a list of float lists")
+        array = np.fromiter((stoi.get(t, 0) for t in _tokenize(seq, a.tokenizer)), np.int32)
+    elif a.tokens_field:
+        if not isinstance(seq, list) or not all(isinstance(t, int) and t >= 0 for t in seq):
+            raise ValueError(f"{where}: '{a.tokens_field}' must be text or a list of non-negative ints")
+        array = np.asarray(seq, np.int32)
+    else:
+        try:
+            array = np.asarray(seq, np.float32)
+        except (ValueError, TypeError):
+            array = np.zeros(0)
+        if array.ndim != 2 or array.shape[1] != s.input_size:
+            raise ValueError(f"{where}: '{a.features_field}' must be T lists of {s.input_size} floats")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{where}: '{a.features_field}' contains NaN or inf")
+    if a.max_len and a.task != "lm":
+        array = array[: a.max_len]
+    if a.task == "lm":
+        return array, None
+    if len(array) == 0:
+        raise ValueError(f"{where}: empty sequence")
+    try:
+        return array, _to_label(a, s, label, len(array))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{where}: field '{a.label_field}' = {str(label)[:40]!r}: {exc}") from None
+
+
+def _to_label(a, s: Survey, label: Any, length: int) -> Any:
+    if a.task == "regress":
+        value = np.asarray(float(label) if isinstance(label, str) else label, np.float32)
+        if value.ndim > 1 or not np.isfinite(value).all():
+            raise ValueError("expected a finite float or list of floats")
+        return value
+    ids = s.label_ids
+    as_id = (lambda v: ids[v] if isinstance(v, str) and ids is not None else int(v))
+    if a.task == "classify":
+        value = as_id(label)
+        if value < 0:
+            raise ValueError("class ids must be >= 0")
+        return value
+    tags = np.asarray([as_id(v) for v in label], np.int32)
+    tags = tags[: length]
+    if len(tags) != length or (tags < 0).any():
+        raise ValueError(f"expected {length} non-negative tags, one per step")
+    return tags
+
+
+def _lm_chunks(tokens: np.ndarray, seq_len: int, stride: int) -> Iterator[np.ndarray]:
+    """Samples of seq_len + 1 tokens, starting every `stride`; a shorter tail if it adds new targets."""
+    n, start = len(tokens), 0
+    while start + seq_len + 1 <= n:
+        yield tokens[start: start + seq_len + 1]
+        start += stride
+    covered = start - stride + seq_len + 1 if start else 0  # tokens already used as targets
+    if n - start >= 2 and n > covered:
+        yield tokens[start:]
+
+
+class Splitter:
+    """Train/valid assignment: stratified by blocks of samples, exact fraction, streaming, seeded."""
+
+    def __init__(self, fraction: float, seed: int, block: int):
+        self.fraction, self.seed, self.block = fraction, seed, block
+
+    def _stratum(self, block: int) -> int:
+        return int(np.floor(block * self.fraction))
+
+    def _first_block(self, stratum: int) -> int:
+        b = int(np.ceil(stratum / self.fraction))  # then fix float rounding against _stratum
+        while self._stratum(b) < stratum:
+            b += 1
+        while b > 0 and self._stratum(b - 1) >= stratum:
+            b -= 1
+        return b
+
+    def _chosen(self, stratum: int) -> int:
+        lo, hi = self._first_block(stratum), self._first_block(stratum + 1)
+        digest = hashlib.blake2b(f"{self.seed}:{stratum}".encode(), digest_size=8).digest()
+        return lo + int.from_bytes(digest, "little") % max(1, hi - lo)
+
+    def is_valid(self, sample_index: int) -> bool:
+        if self.fraction <= 0:
+            return False
+        block = sample_index // self.block
+        return self._chosen(self._stratum(block)) == block
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Writes one split's samples into shards of about `shard_bytes`, returning manifest entries."""
+
+    def __init__(self, directory: str, split: str, fmt: str, task: str, features: bool,
+                 shard_bytes: int, rows_per_group: int):
+        self.directory, self.split, self.fmt, self.task, self.features = directory, split, fmt, task, features
+        self.shard_bytes, self.rows_per_group = shard_bytes, rows_per_group
+        self.shards: list[dict] = []
+        self.pending: list[tuple[np.ndarray, Any]] = []
+        self.file = self.writer = None
+        self.keys: list[str] = []
+        self.lengths: list[int] = []
+        self.count = 0
+        os.makedirs(directory, exist_ok=True)
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.{self.fmt}"
+        self.name, self.path = name, os.path.join(self.directory, name)
+        self.file = open(self.path, "wb")
+        self.keys, self.lengths = [], []
+        if self.fmt == "tar":
+            from webdataset import TarWriter
+
+            self.writer = TarWriter(self.file, encoder=False, mtime=0.0)  # fixed mtime: reproducible bytes
+
+    def add(self, seq: np.ndarray, label: Any) -> None:
+        if self.file is None:
+            self._open()
+        key = f"{self.count:010d}"
+        self.count += 1
+        self.keys.append(key)
+        self.lengths.append(len(seq))
+        if self.fmt == "tar":
+            sample = {"__key__": key, ("features.npy" if self.features else "tokens.npy"): _npy_bytes(seq)}
+            if self.task == "classify":
+                sample["cls"] = str(int(label)).encode()
+            elif self.task == "regress":
+                sample["target.npy"] = _npy_bytes(np.asarray(label, np.float32))
+            elif self.task == "tag":
+                sample["tags.npy"] = _npy_bytes(np.asarray(label, np.int32))
+            self.writer.write(sample)
+        else:
+            self.pending.append((seq, label))
+            if len(self.pending) >= self.rows_per_group:
+                self._write_group()
+        if self.file.tell() >= self.shard_bytes:
+            self._close_shard()
+
+    def _write_group(self) -> None:
+        seqs, labels = zip(*self.pending)
+        self.pending = []
+        offsets = np.zeros(len(seqs) + 1, np.int32)
+        np.cumsum([len(x) for x in seqs], out=offsets[1:])
+        flat = np.concatenate(seqs)
+        if self.features:
+            width = flat.shape[1]
+            steps = pa.ListArray.from_arrays(pa.array(np.arange(0, flat.size + 1, width, dtype=np.int32)),
+                                             pa.array(flat.reshape(-1)))
+            columns = {"features": pa.ListArray.from_arrays(pa.array(offsets), steps)}
+        else:
+            columns = {"tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.int32)))}
+        if self.task == "classify":
+            columns["label"] = pa.array(np.asarray(labels, np.int64))
+        elif self.task == "regress":
+            values = np.stack([np.asarray(v, np.float32) for v in labels])
+            columns["label"] = pa.array(values) if values.ndim == 1 else pa.ListArray.from_arrays(
+                pa.array(np.arange(0, values.size + 1, values.shape[1], dtype=np.int32)), pa.array(values.reshape(-1)))
+        elif self.task == "tag":
+            tags = pa.array(np.concatenate(labels).astype(np.int32))
+            columns["tags"] = pa.ListArray.from_arrays(pa.array(offsets), tags)
+        table = pa.table(columns)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.file, table.schema)
+        self.writer.write_table(table, row_group_size=len(seqs))
+
+    def _close_shard(self) -> None:
+        if self.file is None:
+            return
+        if self.pending:
+            self._write_group()
+        self.writer.close()
+        self.file.close()
+        size = os.path.getsize(self.path)
+        if self.fmt == "tar":
+            from distlstm.data.tar import write_sidecar
+
+            write_sidecar(self.path, self.keys, self.lengths, size)
+        self.shards.append({"path": self.name, "num_samples": len(self.keys), "num_tokens": int(sum(self.lengths)),
+                            "bytes": size, "sha256": _sha256(self.path)})
+        self.file = self.writer = None
+
+    def close(self) -> list[dict]:
+        self._close_shard()
+        return self.shards
+
+
+def _write_manifest(directory: str, a, s: Survey, shards: list[dict]) -> dict:
+    features = bool(a.features_field)
+    if a.task in ("classify", "tag"):
+        num_classes = len(s.label_ids) if s.label_ids else s.max_label + 1
+    else:
+        num_classes = None
+    manifest = {
+        "version": 1, "format": a.format, "task": a.task,
+        "sequence_column": "features" if features else "tokens",
+        "label_column": {"classify": "label", "regress": "label", "tag": "tags"}.get(a.task),
+        "vocab_size": None if features else (len(s.itos) if s.itos else s.max_token_id + 1),
+        "num_classes": num_classes, "input_size": s.input_size if features else None,
+        "num_samples": sum(x["num_samples"] for x in shards), "num_tokens": sum(x["num_tokens"] for x in shards),
+        "shards": shards,
+    }
+    tmp = os.path.join(directory, "manifest.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(directory, "manifest.json"))  # the manifest appears last: a commit marker
+    return manifest
+
+
+def _prepare_out(a) -> None:
+    if os.path.isdir(a.out) and os.listdir(a.out):
+        if not a.overwrite:
+            _fail(f"output directory {a.out} is not empty; pass --overwrite to replace a previous prep output")
+        foreign = sorted(set(os.listdir(a.out)) - set(_OUTPUTS))
+        if foreign:
+            _fail(f"--overwrite refused: {a.out} holds files prep did not write ({', '.join(foreign[:5])}); "
+                  f"remove them yourself or choose another --out")
+        for name in _OUTPUTS:
+            path = os.path.join(a.out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+    os.makedirs(a.out, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _samples(a, s: Survey) -> Iterator[tuple[str, np.ndarray, Any, bool | None]]:
+    """(where, sequence, label, forced split or None) in input order."""
+    stoi = {t: i for i, t in enumerate(s.itos)} if s.itos else {}
+    if a.input_kind == "text":
+        docs = _text_documents(a.files, a.doc_per)
+        def encode(lines: list[str]) -> np.ndarray:
+            return np.fromiter((stoi.get(t, 0) for line in lines for t in _tokenize(line, a.tokenizer)), np.int32)
+
+        records = ((where, encode(lines), None) for where, lines in docs)
+        records = _merge_continued(records)
+    else:
+        records = _records(a)
+    for where, seq, label in records:
+        if isinstance(seq, Exception):
+            yield where, seq, None, None
+            continue
+        try:
+            array, value = _to_sample(a, s, stoi, seq, label, where) if not isinstance(seq, np.ndarray) else (seq, None)
+        except ValueError as exc:
+            yield where, exc, None, None
+            continue
+        if a.task != "lm":
+            yield where, array, value, None
+            continue
+        cut = len(array) - int(round(len(array) * a.valid_fraction)) if a.split == "tail" else len(array)
+        for part, forced in ((array[:cut], False if a.split == "tail" else None), (array[cut:], True)):
+            for chunk in _lm_chunks(part, a.seq_len, a.stride):
+                yield where, chunk, None, forced
+
+
+def _merge_continued(records):
+    """Join the pieces of one long --text document (where ends with '+') back into one array."""
+    pending = []
+    for where, array, label in records:
+        pending.append(array)
+        if not where.endswith("+"):
+            yield where, np.concatenate(pending), label
+            pending = []
+    if pending:
+        yield "end", np.concatenate(pending), None
+
+
+def run(a) -> dict[str, dict]:
+    """Prep with parsed arguments; returns {split: manifest}."""
+    _check_args(a)
+    _prepare_out(a)
+    s = _survey(a)
+    if s.itos:
+        with open(os.path.join(a.out, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump({"version": 1, "tokenizer": a.tokenizer, "unk_id": 0, "pad_id": 0, "tokens": s.itos}, f,
+                      ensure_ascii=False)
+    if s.label_ids:
+        with open(os.path.join(a.out, "labels.json"), "w", encoding="utf-8") as f:
+            json.dump({"version": 1, "labels": sorted(s.label_ids, key=s.label_ids.get)}, f, ensure_ascii=False)
+    splits = ["train"] + (["valid"] if a.valid_fraction > 0 else [])
+    writers = {name: ShardWriter(os.path.join(a.out, name), name, a.format, a.task, bool(a.features_field),
+                                 int(a.shard_size_mb * 1e6), a.rows_per_group) for name in splits}
+    splitter = Splitter(a.valid_fraction, a.seed, a.split_block)
+    skipped, index = [], 0
+    bar = tqdm(total=s.records, desc="pass 2/2", unit="rec" if a.input_kind != "text" else "doc", disable=a.quiet)
+    last_where = None
+    for where, seq, label, forced in _samples(a, s):
+        if where != last_where:
+            bar.update(1)
+            last_where = where
+        if isinstance(seq, Exception):
+            if not a.skip_bad:
+                bar.close()
+                _fail(f"{seq}; fix the record or pass --skip-bad")
+            skipped.append(str(seq))
+            continue
+        valid = forced if forced is not None else splitter.is_valid(index)
+        index += forced is None
+        writers["valid" if valid and "valid" in writers else "train"].add(seq, label)
+    bar.close()
+    manifests = {name: _write_manifest(w.directory, a, s, w.close()) for name, w in writers.items()}
+    if skipped:
+        print(f"distlstm.prep: skipped {len(skipped)} bad records, e.g. {skipped[0]}", file=sys.stderr)
+    for name, m in manifests.items():
+        print(f"{name}: {m['num_samples']} samples, {m['num_tokens']} tokens, {len(m['shards'])} shards "
+              f"-> {os.path.join(a.out, name)}", file=sys.stderr)
+    return manifests
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

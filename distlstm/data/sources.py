@@ -1,0 +1,391 @@
+"""Where shards live: path expansion, fsspec opening with retries, and credential redaction.
+
+Every URL that reaches a log line, an error message or a saved config passes through `redact`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob as globlib
+import json
+import logging
+import os
+import random
+import re
+import time
+from typing import Any, Callable, Iterator, TypeVar
+
+import braceexpand
+import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SHARD_SUFFIXES = (".parquet", ".tar", ".tar.gz", ".tgz")
+_SIDECAR_SUFFIXES = (".idx.json", "manifest.json")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_MAX_BACKOFF_S = 30.0
+
+# ---------------------------------------------------------------------------------------------- redaction
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "pwd", "sig", "credential", "auth", "session")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@'\"<>]+@")
+_SECRET_PARAM = re.compile(
+    r"(?P<name>[?&;](?:[\w.\-]*(?:" + "|".join(_SECRET_WORDS) + r")[\w.\-]*)=)[^&#\s'\"<>]*", re.IGNORECASE)
+
+
+def redact(url_or_text: Any) -> str:
+    """`url_or_text` with credentials masked: ``user:pass@`` in URLs and secret-looking query params.
+
+    >>> redact("https://u:p@host/a.tar?X-Amz-Signature=abc&part=1")
+    'https://***@host/a.tar?X-Amz-Signature=***&part=1'
+    """
+    text = str(url_or_text)
+    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    return _SECRET_PARAM.sub(r"\g<name>***", text)
+
+
+def redact_options(storage_options: dict | None) -> dict | None:
+    """A copy of fsspec `storage_options` safe to log or save: secret-looking keys map to ``"***"``."""
+    if storage_options is None:
+        return None
+    out: dict = {}
+    for name, value in storage_options.items():
+        lowered = str(name).lower()
+        if isinstance(value, dict):
+            out[name] = redact_options(value)
+        elif value not in (None, "") and any(word in lowered for word in _SECRET_WORDS):
+            out[name] = "***"
+        elif isinstance(value, str):
+            out[name] = redact(value)
+        else:
+            out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- retries
+
+_TRANSIENT_NAMES = {  # matched by class name so that botocore / google libraries need not be imported
+    "ClientConnectionError", "ClientOSError", "ServerDisconnectedError", "ServerTimeoutError",
+    "ClientPayloadError", "ContentLengthError", "FSTimeoutError", "IncompleteRead", "RemoteDisconnected",
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ResponseStreamingError", "ProtocolError", "ChunkedEncodingError", "ServiceUnavailable",
+    "TooManyRequests", "InternalServerError", "BadGateway", "GatewayTimeout", "RetryError",
+}
+_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT,
+                     errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
+
+
+class RetriesExhaustedError(OSError):
+    """A transient error (connection, timeout, HTTP 5xx/429) persisted through every retry."""
+
+
+def _http_status(exc: BaseException) -> int | None:
+    for attr in ("status", "status_code", "code"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: connection errors, timeouts, HTTP 5xx / 408 / 429.
+
+    Walks the cause chain because fsspec re-raises e.g. an HTTP 503 on HEAD as FileNotFoundError.
+    A 404 (or any other 4xx) is permanent.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        status = _http_status(current)
+        if status is not None:
+            return status >= 500 or status in (408, 429)
+        if isinstance(current, (ConnectionError, TimeoutError)):
+            return True
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(current).__mro__):
+            return True
+        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
+            return True
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return False
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    return isinstance(exc, FileNotFoundError) or _http_status(exc) == 404
+
+
+def _describe(exc: BaseException) -> str:
+    return redact(f"{type(exc).__name__}: {exc}")
+
+
+def with_retries(fn: Callable[[], T], url: str, *, retries: int = 3, backoff_s: float = 0.5,
+                 what: str = "read") -> T:
+    """Call `fn`; retry transient failures up to `retries` more times with exponential backoff.
+
+    Raises FileNotFoundError at once for a missing object, RetriesExhaustedError (an OSError) naming
+    the redacted URL and the attempts after the last transient failure; other errors propagate.
+    """
+    attempts = max(0, int(retries)) + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 -- classified below
+            if not is_transient(exc):
+                if _is_not_found(exc):
+                    # `from None`: the original message may carry the unredacted URL.
+                    raise FileNotFoundError(errno.ENOENT, f"{redact(url)}: not found ({what}); check the path "
+                                            f"or URL and that the shard exists", redact(url)) from None
+                raise
+            if attempt == attempts:
+                raise RetriesExhaustedError(f"{redact(url)}: {what} failed after {attempts} attempts; last error: "
+                              f"{_describe(exc)}") from None
+            delay = min(_MAX_BACKOFF_S, backoff_s * 2 ** (attempt - 1)) * (1 + 0.25 * random.random())
+            log.warning("%s: %s failed (attempt %d/%d: %s); retrying in %.2fs",
+                        redact(url), what, attempt, attempts, _describe(exc), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------- opening
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def _default_options(url: str, storage_options: dict | None) -> dict:
+    options = dict(storage_options or {})
+    if _protocol(url) in ("http", "https") and "client_kwargs" not in options:
+        # aiohttp's default is a 5-minute total timeout per request; a stalled server should
+        # fail (and be retried) much sooner, and a long download must not be cut by a total cap.
+        import aiohttp
+
+        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)}
+    return options
+
+
+def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(url, **_default_options(url, storage_options))
+
+
+class _RetryingReader:
+    """Read-only file wrapper that retries transient read errors at the same position.
+
+    A read that fails leaves fsspec's buffered files at the old position, so the read can simply be
+    repeated; for seekable files the position is restored explicitly first.
+    """
+
+    def __init__(self, raw, url: str, retries: int, backoff_s: float):
+        self._raw, self._url, self._retries, self._backoff_s = raw, url, retries, backoff_s
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        pos = self._raw.tell() if self.seekable() else None
+
+        def attempt() -> T:
+            if pos is not None and self._raw.tell() != pos:
+                self._raw.seek(pos)
+            return fn()
+
+        return with_retries(attempt, self._url, retries=self._retries, backoff_s=self._backoff_s)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._retry(lambda: self._raw.read(size))
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        try:
+            return bool(self._raw.seekable())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return bool(getattr(self._raw, "closed", False))
+
+    @property
+    def size(self):
+        return getattr(self._raw, "size", None)
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._raw, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<file {redact(self._url)}>"
+
+
+@contextlib.contextmanager
+def open_file(url: str, mode: str = "rb", *, storage_options: dict | None = None, retries: int = 3,
+              backoff_s: float = 0.5) -> Iterator[Any]:
+    """Open a local path or fsspec URL. Opening, and each read in read mode, retries transient errors.
+
+    A missing file raises FileNotFoundError at once; persistent transient errors raise OSError after
+    ``retries + 1`` attempts. Messages name the redacted URL.
+    """
+    fs, path = _filesystem(url, storage_options)
+    raw = with_retries(lambda: fs.open(path, mode), url, retries=retries, backoff_s=backoff_s, what="open")
+    handle = _RetryingReader(raw, url, retries, backoff_s) if "r" in mode and "b" in mode else raw
+    try:
+        yield handle
+    finally:
+        raw.close()
+
+
+def read_bytes(url: str, start: int | None = None, end: int | None = None, *,
+               storage_options: dict | None = None, retries: int = 3, backoff_s: float = 0.5) -> bytes:
+    """Bytes ``[start, end)`` of `url` (whole file by default; negative values count from the end)."""
+    fs, path = _filesystem(url, storage_options)
+    what = "read" if start is None and end is None else f"read bytes [{start}, {end})"
+    return with_retries(lambda: fs.cat_file(path, start=start, end=end), url, retries=retries,
+                        backoff_s=backoff_s, what=what)
+
+
+def file_info(url: str, *, storage_options: dict | None = None, retries: int = 3,
+              backoff_s: float = 0.5) -> dict:
+    """``dict(size=bytes or None, mtime_or_etag=str or None)``: enough to key a cache on."""
+    fs, path = _filesystem(url, storage_options)
+    info = with_retries(lambda: fs.info(path), url, retries=retries, backoff_s=backoff_s, what="stat")
+    version = None
+    for field in ("ETag", "etag", "md5Hash", "Last-Modified", "LastModified", "last_modified", "mtime",
+                  "updated", "modified", "created"):
+        if info.get(field) not in (None, ""):
+            version = f"{field}={info[field]}"
+            break
+    size = info.get("size")
+    return {"size": int(size) if size is not None else None, "mtime_or_etag": version}
+
+
+# ---------------------------------------------------------------------------------------------- expansion
+
+
+def _split_top_level(spec: str) -> list[str]:
+    """Split on commas outside braces: ``a,b{1,2}`` -> ``["a", "b{1,2}"]``."""
+    parts, depth, current = [], 0, []
+    for ch in spec:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _is_shard_name(name: str) -> bool:
+    return not name.endswith(_SIDECAR_SUFFIXES)
+
+
+def _manifest_shards(manifest_url: str, base: str, storage_options: dict | None) -> list[str]:
+    try:
+        manifest = json.loads(read_bytes(manifest_url, storage_options=storage_options))
+        paths = [shard["path"] for shard in manifest["shards"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{redact(manifest_url)}: not a distlstm manifest ({type(exc).__name__}: {exc}); "
+                         f"expected {{'shards': [{{'path': ...}}, ...]}} as written by distlstm.prep") from None
+    return [p if "://" in p or os.path.isabs(p) else base.rstrip("/") + "/" + p for p in paths]
+
+
+def _expand_local(pattern: str) -> list[str]:
+    path = os.path.abspath(os.path.expanduser(pattern[len("file://"):] if pattern.startswith("file://") else pattern))
+    if os.path.isdir(path):
+        manifest = os.path.join(path, "manifest.json")
+        if os.path.isfile(manifest):
+            return [os.path.normpath(p) for p in _manifest_shards(manifest, path, None)]
+        found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if n.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(path, n)))
+        if not found:
+            raise ValueError(f"{pattern}: directory has no manifest.json and no shard files "
+                             f"({', '.join('*' + s for s in SHARD_SUFFIXES)}); point at the output of distlstm.prep")
+        return found
+    if _GLOB_CHARS.search(path):
+        found = sorted(p for p in globlib.glob(path) if os.path.isfile(p) and _is_shard_name(p))
+        if not found:
+            raise ValueError(f"{pattern}: glob matched no files (looked for {path})")
+        return found
+    if os.path.basename(path) == "manifest.json" and os.path.isfile(path):
+        return [os.path.normpath(p) for p in _manifest_shards(path, os.path.dirname(path), None)]
+    if not os.path.isfile(path):
+        raise ValueError(f"{pattern}: no such file or directory (looked for {path})")
+    return [path]
+
+
+def _expand_remote(pattern: str, storage_options: dict | None) -> list[str]:
+    protocol = _protocol(pattern)
+    if protocol in ("http", "https"):
+        # HTTP cannot list: URLs are taken literally, except a "directory" URL ending in "/",
+        # which must hold a manifest.json.
+        if pattern.endswith("/"):
+            return _manifest_shards(pattern + "manifest.json", pattern, storage_options)
+        return [pattern]
+    fs, path = _filesystem(pattern, storage_options)
+    if _GLOB_CHARS.search(path):
+        found = sorted(p for p in with_retries(lambda: fs.glob(path), pattern, what="glob") if _is_shard_name(p))
+        if not found:
+            raise ValueError(f"{redact(pattern)}: glob matched no objects (looked for {protocol}://{path})")
+        return [fs.unstrip_protocol(p) for p in found]
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if name == "manifest.json":
+        return _manifest_shards(pattern, pattern.rsplit("/", 1)[0], storage_options)
+    if "." in name and not pattern.endswith("/"):
+        return [pattern]  # a file name: taken literally (no request per shard)
+    base = pattern.rstrip("/")
+    if with_retries(lambda: fs.exists(path.rstrip("/") + "/manifest.json"), pattern, what="stat"):
+        return _manifest_shards(base + "/manifest.json", base, storage_options)
+    found = sorted(p for p in with_retries(lambda: fs.ls(path, detail=False), pattern, what="list")
+                   if p.endswith(SHARD_SUFFIXES))
+    if not found:
+        raise ValueError(f"{redact(pattern)}: no manifest.json and no shard objects under {protocol}://{path}")
+    return [fs.unstrip_protocol(p) for p in found]
+
+
+def expand_paths(spec: str | list[str], *, storage_options: dict | None = None) -> list[str]:
+    """Shard URLs/paths for a dataset spec, in a deterministic order.
+
+    `spec` is a list or a comma-separated string of: local files; directories (the shards listed in
+    their manifest.json, in manifest order, else their sorted ``*.parquet`` / ``*.tar`` files);
+    globs (``data/train-*.parquet``); brace ranges (``train-{00000..00127}.parquet``); ``http(s)://``
+    URLs (literal after brace expansion; a URL ending in ``/`` reads its manifest.json); object-store
+    URLs (``s3://``, ``gs://``, ...; globs and directories listed through fsspec). Local paths come
+    back absolute. No match raises ValueError naming the pattern.
+    """
+    parts = [p for item in ([spec] if isinstance(spec, str) else list(spec)) for p in _split_top_level(item)]
+    if not parts:
+        raise ValueError(f"empty dataset path spec {spec!r}; give files, directories, globs or URLs")
+    out: list[str] = []
+    for part in parts:
+        for pattern in braceexpand.braceexpand(part):
+            if _protocol(pattern) == "file":
+                out.extend(_expand_local(pattern))
+            else:
+                out.extend(_expand_remote(pattern, storage_options))
+    return out
