@@ -328,7 +328,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except ConfigError as exc:
             raise ConfigError(f"config file {path}: {exc}") from exc
     _apply(parse_overrides(overrides or []), from_cli=True, base=values)
-    return _build(values)
+    try:
+        return _build(values)
+    except ConfigError as exc:
+        if path is None:
+            raise
+        raise ConfigError(f"{exc} (from config file {path} and the command line)") from exc
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -10,24 +10,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 
-class Meter:
-    """Sums over one log interval. Host numbers only (device values are read at the log cadence)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.real_tokens = self.padded_tokens = self.skipped = 0
-        self.data_wait = 0.0
-        self.steps = 0
-        self.started = time.perf_counter()
-
-    def add_batch(self, real_tokens: int, padded_tokens: int, skipped: int) -> None:
-        self.real_tokens += real_tokens
-        self.padded_tokens += padded_tokens
-        self.skipped += skipped
-
-
 class Reporter:
     """Writes metrics (leader only): stdout lines or a progress bar, `metrics.jsonl`, TensorBoard."""
 

@@ -54,7 +54,14 @@ class AmpPolicy:
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        stack = contextlib.ExitStack()
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            # oneDNN has no fp16 LSTM kernel on CPU ("could not create a primitive descriptor");
+            # the native kernel runs the LSTM in fp32 while the rest autocasts. fp16 on CPU exists to
+            # exercise the GradScaler path anywhere; use bf16 for speed on CPU.
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
+        return stack
 
 
 def control_group(backend: str):

@@ -94,6 +94,12 @@ class Trainer:
     # ------------------------------------------------------------------ the step
     def train_step(self, micro_batches: list[Batch]) -> None:
         """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
+        self.forward_backward(micro_batches)
+        self._optimizer_step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def forward_backward(self, micro_batches: list[Batch]) -> None:
+        """Accumulate the step's gradient: d(sum of losses / global item count)/d(params)."""
         model, amp = self.model, self.amp
         # The loss is a sum over real items divided by the item count of the whole step: all
         # micro-batches on all ranks. Dividing per micro-batch (or per rank) would weight short
@@ -112,8 +118,6 @@ class Trainer:
                 (amp.scaler.scale(loss) if amp.scaler else loss).backward()
             self.loss_sum += loss_sum.detach().double() * batch.weight
         self.item_sum += local_items
-        self._optimizer_step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def _optimizer_step(self) -> None:
         clip = self.cfg.optim.grad_clip or float("inf")
@@ -292,9 +296,10 @@ class Trainer:
                 "rank_state": rng_state()}
 
     def save(self) -> None:
-        if self.checkpoints is None:
-            return
+        if self.checkpoints is None or getattr(self, "_saved_step", None) == self.state.step:
+            return  # e.g. the end of a run whose last step was also a cadence step
         self.checkpoints.save(self.state.step, self.app_state())
+        self._saved_step = self.state.step
 
     def restore(self, loaded: dict) -> None:
         """Apply what CheckpointManager.load_* returned (model and optimizer were loaded in place)."""

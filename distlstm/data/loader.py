@@ -88,7 +88,7 @@ class _Assembler:
             return self.cache[c]
         rows = int(self.index.chunk_offsets[c + 1] - self.index.chunk_offsets[c])
         try:
-            chunk = self.index.read_chunk(c)
+            chunk = self.index.read_chunk(c, task=self.task)
             if len(chunk) != rows:
                 shard = self.index.shards[self.index.chunk_shard[c]]
                 raise BadSampleError(shard, f"chunk {int(self.index.chunk_local[c])}", f"has {len(chunk)} samples "
@@ -242,7 +242,7 @@ class BatchLoader:
     def plan_hash(self, epoch: int) -> int:
         """What every rank must agree on before an epoch starts."""
         key = f"{self.params.fingerprint()}|{self.index.fingerprint()}|{self.seed}|{epoch}|{self.dp_world_size}"
-        return int.from_bytes(__import__("hashlib").sha256(key.encode()).digest()[:7], "little")
+        return int.from_bytes(__import__("hashlib").sha256(key.encode()).digest()[:6], "little")  # 48 bits: exact in float64
 
     def __iter__(self) -> Iterator[Batch]:
         stream = _Stream(self.index, self.params, self.assembler, seed=self.seed, dp_rank=self.dp_rank,

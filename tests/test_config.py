@@ -1,0 +1,71 @@
+"""Configuration: TOML file + dotted overrides, validation and --help.
+
+A failure means a user's config could be silently misread (unknown key ignored, wrong type
+accepted), an error would not say which key is wrong, or the documented defaults drifted from the code.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distlstm.config import Config, ConfigError, load_config, to_dict, help_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_toml_matches_the_code():
+    assert to_dict(load_config(ROOT / "configs" / "default.toml")) == to_dict(Config())
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text('[optim]\nlr = 0.01\n[model]\nhidden_size = 64\n[data]\nstorage_options = {anon = "true"}\n')
+    cfg = load_config(path, ["--optim.lr", "3e-3", "--model.bidirectional", "--train.max_steps=7"])
+    assert cfg.optim.lr == 3e-3 and cfg.model.hidden_size == 64 and cfg.model.bidirectional
+    assert cfg.train.max_steps == 7 and cfg.data.storage_options == {"anon": "true"}
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[optim]\nlrr = 1\n", "unknown key optim.lrr; optim keys are lr,"),
+    ("[optimizer]\nlr = 1\n", "unknown config section [optimizer]"),
+    ("[optim]\nlr = 'fast'\n", "optim.lr='fast' is not a number"),
+    ("[train]\nprecision = 'fp8'\n", "train.precision='fp8' is not allowed; choose one of fp32, bf16, fp16"),
+    ("[model]\nhidden_size = 0\n", "model.hidden_size=0 must be > 0"),
+    ("[train]\naccum_steps = 1.5\n", "train.accum_steps=1.5 is not an integer"),
+])
+def test_file_errors_name_the_key(tmp_path, text, needle):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--optim.lr", "abc"], "optim.lr='abc' is not a number"),
+    (["--model.bidirectional", "maybe"], "model.bidirectional='maybe' is not a boolean"),
+    (["lr=3"], "unexpected argument 'lr=3'"),
+    (["--data.max_batch_size", "2", "--data.min_batch_size", "4"], "data.max_batch_size=2 is below"),
+])
+def test_override_errors(args, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, args)
+    assert needle in str(err.value)
+
+
+def test_help_lists_every_option_with_default_and_doc():
+    text = help_text()
+    for section, values in to_dict(Config()).items():
+        for key in values:
+            assert f"--{section}.{key} = " in text, key
+    proc = subprocess.run([sys.executable, "-m", "distlstm.train", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "--optim.lr = 0.003" in proc.stdout and "usage:" in proc.stdout
+
+
+def test_bad_flag_exits_2_with_the_key():
+    proc = subprocess.run([sys.executable, "-m", "distlstm.train", "--optim.lrr", "1"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown key optim.lrr" in proc.stderr
