@@ -155,7 +155,7 @@ class TrainConfig:
     eval_max_batches: int = opt(0, "cap on validation batches per evaluation; 0 = the whole split")
     run_dir: str = opt("", "where logs, metrics and checkpoints go; empty = runs/<date-time>")
     debug: bool = opt(False, "anomaly detection, deterministic algorithms, synchronous CUDA errors")
-    timeout_s: float = opt(120.0, "process-group timeout: a dead rank makes the others exit after this long")
+    timeout_s: float = opt(60.0, "process-group timeout: a dead rank makes the others exit after this long")
     max_bad_steps: int = opt(5, "stop after this many consecutive non-finite steps (fp16 overflow skips excluded)")
     threads: int = opt(0, "torch CPU threads per rank; 0 = torch's default")
 
@@ -194,6 +194,8 @@ class LogConfig:
     every_steps: int = opt(20, "log loss, lr, grad norm, tokens/s every N steps (the only host sync)")
     progress: bool = opt(True, "progress bar on the leader rank")
     tensorboard: bool = opt(True, "write TensorBoard event files into the run directory")
+    sample_ids: bool = opt(False, "audit trail: append each step's sample ids to samples/rank<N>.txt "
+                                  "in the run directory (which rank consumed what, and when)")
 
     def __post_init__(self) -> None:
         _positive("log", self, "every_steps")

@@ -204,9 +204,11 @@ def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:
                                 tensorboard=cfg.log.tensorboard, start_step=trainer.state.step)
     try:
         result = trainer.fit()
+        # Commits an in-flight async save; a collective, so only on the success path (after a
+        # failure another rank may be gone, and waiting for it would hang until the timeout).
+        checkpoints.close()
     finally:
         trainer.reporter.close()
-        checkpoints.close()
         preempt.uninstall()
     if result["stopped"] == "preempted":
         log(f"preempted ({preempt.signal_name}): checkpoint committed at step {result['step']}")

@@ -161,6 +161,8 @@ class Trainer:
                 interval.add(b, self.task)
             self.train_step(micro)
             self.last_micro = micro
+            if cfg.log.sample_ids:
+                self._record_samples(micro)
             self.state.step += 1
             self.state.micro_steps += len(micro)
             if self.reporter:
@@ -184,6 +186,16 @@ class Trainer:
         if cfg.checkpoint.at_end:
             self.save()
         return {"stopped": "finished", "step": self.state.step, **result}
+
+    def _record_samples(self, micro: list[Batch]) -> None:
+        """One line per step: `step epoch id id ...` (filler batches, weight 0, left out)."""
+        if self.run_dir is None:
+            return
+        path = self.run_dir / "samples" / f"rank{self.world.rank:05d}.txt"
+        path.parent.mkdir(exist_ok=True)
+        ids = [str(i) for b in micro if b.weight for i in b.sample_ids.tolist()]
+        with open(path, "a") as f:
+            f.write(f"{self.state.step} {micro[-1].epoch} {' '.join(ids)}\n")
 
     def _agree_flags(self, last_save: float) -> tuple[bool, bool]:
         """(preempted, time-based save due), agreed by all ranks so they all save at the same step."""
