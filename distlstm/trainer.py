@@ -15,7 +15,7 @@ from torch import nn
 
 from distlstm.config import Config
 from distlstm.data.batch import Batch
-from distlstm.models.lstm import loss_and_metrics
+from distlstm.models.lstm import flops_per_token, loss_and_metrics
 from distlstm.parallel import AmpPolicy, all_reduce_host, no_sync, unwrap
 from distlstm.world import World
 
@@ -90,6 +90,7 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.item_sum = 0.0
         self.last_micro: list[Batch] = []
+        self.flops_per_token = flops_per_token(unwrap(model))
 
     # ------------------------------------------------------------------ the step
     def train_step(self, micro_batches: list[Batch]) -> None:
@@ -153,7 +154,12 @@ class Trainer:
         result = {}
         while not cfg.train.max_steps or self.state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
-            micro = list(islice(batches, cfg.train.accum_steps))
+            # Starting a DataLoader iterator draws its worker seed from the global torch RNG, which
+            # also drives dropout. That happens at the first batch of every process, so after a resume
+            # at a different step than in an uninterrupted run, and would shift the dropout stream.
+            # The data plan needs no randomness from here: keep the loader off the training RNG.
+            with torch.random.fork_rng(devices=[]):
+                micro = list(islice(batches, cfg.train.accum_steps))
             interval.data_wait += time.perf_counter() - t0
             if not micro:
                 break  # max_epochs reached (every rank has the same batch count, so all stop here)
@@ -223,7 +229,9 @@ class Trainer:
         values = {"loss": sums[0] / max(sums[1], 1.0), "lr": self.scheduler.get_last_lr()[0],
                   "grad_norm": float(self.grad_norm), "tokens_per_s": sums[2] / max(elapsed, 1e-9),
                   "padding": 1.0 - sums[2] / max(sums[3], 1.0), "data_wait": interval.data_wait / max(elapsed, 1e-9),
-                  "skipped_samples": int(sums[4]), "epoch": self.train_loader.epoch}
+                  "skipped_samples": int(sums[4]), "epoch": self.train_loader.epoch,
+                  # Model FLOPs on real tokens (padding excluded), all ranks: divide by the peak for MFU.
+                  "tflops": self.flops_per_token * sums[2] / max(elapsed, 1e-9) / 1e12}
         if self.amp.scaler is not None:
             values["loss_scale"] = self.amp.scaler.get_scale()
         if self.reporter:
