@@ -85,3 +85,26 @@ def test_fp16_gradscaler_path_runs_and_logs_the_scale(tmp_path):
                        "--log.every_steps", "5")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("loss_scale" in r for r in records if r["kind"] == "train")
+
+
+def test_two_torchrun_nodes_match_one_node(tmp_path):
+    """launch/multinode-local.sh: 2 torchrun agents x 1 process, c10d rendezvous on loopback, vs
+    one agent with 2 processes. Same ranks, same batches: the parameters must agree."""
+    common = SMALL + ["--train.max_steps", "6", "--data.num_workers", "0"]
+    single, _ = train(tmp_path, "single-node", *common, nproc=2)
+    env = {**os.environ, "DISTLSTM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT), "PORT": str(free_port()), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "multinode-local.sh"), "--train.run_dir",
+                           str(tmp_path / "two-nodes"), *common], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 ranks on 2 node(s)" in proc.stdout, proc.stdout[-2000:]
+    a, b = load_params(single), load_params(tmp_path / "two-nodes")
+    for name in a:
+        assert float((a[name] - b[name]).norm() / a[name].norm()) < 1e-5, name
+
+
+def test_debug_mode_smoke(tmp_path):
+    """--train.debug (anomaly detection, deterministic algorithms) with a tiny --train.max_steps."""
+    run_dir, out = train(tmp_path, "debug", *SMALL, "--train.max_steps", "3", "--train.debug")
+    assert json.loads((run_dir / "final.json").read_text())["step"] == 3

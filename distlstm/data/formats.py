@@ -3,6 +3,10 @@ into flat numpy arrays (column projection, no per-row Python objects)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -58,10 +62,12 @@ def parquet_layout(path: str, column: str, *, storage_options=None, retries: int
     return rows, (np.concatenate(lengths) if lengths else np.zeros(0, np.int32))
 
 
-def _to_numpy_values(path: str, column: str, values: pa.Array) -> np.ndarray:
+def _to_numpy_values(path: str, column: str, values: pa.Array, column_type: pa.DataType) -> np.ndarray:
     typ = values.type
     if pa.types.is_integer(typ):
-        return values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        # int32 stays int32 (no copy): the loader widens to int64 while padding, in the same pass.
+        array = values.to_numpy(zero_copy_only=False)
+        return array if array.dtype in (np.int32, np.int64) else array.astype(np.int64)
     if pa.types.is_floating(typ):
         return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)[:, None]
     if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
@@ -71,15 +77,30 @@ def _to_numpy_values(path: str, column: str, values: pa.Array) -> np.ndarray:
             raise BadSampleError(redact(path), "schema", f"column '{column}' has feature vectors of different "
                                  f"sizes {widths[:5].tolist()}", fix="give every step the same number of features")
         width = int(widths[0]) if len(widths) else 0
+        if not pa.types.is_floating(inner.type) and not pa.types.is_integer(inner.type):
+            raise _sequence_type_error(path, column, column_type)
         return inner.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
-    raise _sequence_type_error(path, column, typ)
+    # Name the column's type (list<string>), not its items' (string): that is what the user wrote.
+    raise _sequence_type_error(path, column, column_type)
+
+
+def _open(path: str, storage_options, retries: int):
+    """A local file by name (Arrow's native reader, several times faster than through a Python file
+    object), anything else through fsspec with retries."""
+    local = path[len("file://"):] if path.startswith("file://") else path
+    if "://" not in local and not storage_options:
+        if not os.path.isfile(local):
+            raise FileNotFoundError(errno.ENOENT, f"{redact(path)}: not found; check the path and that the "
+                                    f"shard exists", redact(path))
+        return contextlib.nullcontext(local)
+    return open_file(path, storage_options=storage_options, retries=retries)
 
 
 def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label_column: str | None,
                        storage_options=None, retries: int = 3) -> Chunk:
     """Decode one row group: flat values, offsets, labels. Nulls raise BadSampleError naming the row."""
     columns = [sequence_column] + ([label_column] if label_column else [])
-    with open_file(path, storage_options=storage_options, retries=retries) as f:
+    with _open(path, storage_options, retries) as f:
         try:
             pf = pq.ParquetFile(f)
             table = pf.read_row_group(row_group, columns=columns)
@@ -87,6 +108,12 @@ def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label
         except (pa.ArrowInvalid, OSError) as exc:
             raise BadSampleError(redact(path), f"row group {row_group}", f"cannot be read ({exc})",
                                  fix="re-create the shard, or run with --data.on_bad_sample skip") from exc
+    # pyarrow silently leaves out a requested column the file does not have.
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise BadSampleError(redact(path), "schema", f"no column '{missing[0]}' (columns: "
+                             f"{', '.join(pf.schema_arrow.names)})",
+                             fix="set --data.sequence_column / --data.label_column, or re-run distlstm.prep")
     seq = table.column(0)
     try:
         offsets, nulls, values = _list_parts(seq)
@@ -107,5 +134,5 @@ def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label
             nulls = nulls | (lab.is_null().to_numpy(zero_copy_only=False) if lab.null_count else False)
             labels = lab.fill_null(0).to_numpy(zero_copy_only=False)
     bad = {int(r): f"null in '{sequence_column}' or '{label_column}'" for r in np.flatnonzero(nulls)}
-    return Chunk(values=_to_numpy_values(path, sequence_column, values), offsets=offsets, labels=labels,
+    return Chunk(values=_to_numpy_values(path, sequence_column, values, seq.type), offsets=offsets, labels=labels,
                  first_row=first_row, bad=bad)

@@ -89,7 +89,10 @@ class DatasetIndex:
         first = int(self.chunk_offsets[np.searchsorted(self.chunk_shard, self.chunk_shard[c])])
         return redact(shard), f"row {sample_id - first}"
 
-    def read_chunk(self, c: int) -> Chunk:
+    def read_chunk(self, c: int, task: str | None = None) -> Chunk:
+        """Decode chunk `c`. `task` (classify/regress/tag/lm) says which tar label member every sample
+        must have, so a sample missing it is flagged instead of the label type being guessed per shard;
+        tar lengths are checked against the index, so a shard changed since indexing is an error."""
         shard = self.shards[self.chunk_shard[c]]
         if self.formats[self.chunk_shard[c]] == "parquet":
             from distlstm.data.formats import read_parquet_chunk
@@ -97,7 +100,9 @@ class DatasetIndex:
                                       label_column=self.label_column, storage_options=self.storage_options,
                                       retries=self.retries)
         from distlstm.data.tar import read_tar_chunk
-        return read_tar_chunk(shard, storage_options=self.storage_options, retries=self.retries)
+        lo, hi = int(self.chunk_offsets[c]), int(self.chunk_offsets[c + 1])
+        return read_tar_chunk(shard, storage_options=self.storage_options, retries=self.retries, task=task,
+                              expected_lengths=self.lengths[lo:hi])
 
 
 def _cache_key(url: str, column: str, storage_options) -> str:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from distlstm.data.batch import Batch, Chunk
 from distlstm.data.errors import BadSampleError
 from distlstm.data.index import DatasetIndex
-from distlstm.data.plan import EpochPlan, PlanParams, _segments
+from distlstm.data.plan import EpochPlan, PlanParams
 
 STATE_VERSION = 1
 
@@ -79,10 +79,11 @@ class _Assembler:
         self.index, self.task, self.max_length = index, task, max_length
         self.vocab_size, self.num_classes = vocab_size, num_classes
         self.on_bad_sample, self.quarantine = on_bad_sample, quarantine
-        self.cache: OrderedDict[int, tuple[Chunk, dict[int, str]]] = OrderedDict()
+        # chunk id -> (decoded chunk, bad samples, offsets as a Python list for per-sample slicing)
+        self.cache: OrderedDict[int, tuple[Chunk, dict[int, str], list[int]]] = OrderedDict()
         self.cache_chunks = cache_chunks
 
-    def chunk(self, c: int) -> tuple[Chunk, dict[int, str]]:
+    def chunk(self, c: int) -> tuple[Chunk, dict[int, str], list[int]]:
         if c in self.cache:
             self.cache.move_to_end(c)
             return self.cache[c]
@@ -100,10 +101,10 @@ class _Assembler:
                 raise
             empty = Chunk(values=np.zeros((0,), np.int64), offsets=np.zeros(rows + 1, np.int64), labels=None)
             chunk, bad = empty, {i: str(exc) for i in range(rows)}
-        self.cache[c] = (chunk, bad)
+        self.cache[c] = (chunk, bad, chunk.offsets.tolist())
         while len(self.cache) > self.cache_chunks:
             self.cache.popitem(last=False)
-        return chunk, bad
+        return self.cache[c]
 
     def _report(self, sample_id: int, chunk: Chunk, local: int, problem: str, epoch: int) -> None:
         shard, row = self.index.locate(sample_id)
@@ -117,60 +118,62 @@ class _Assembler:
                                     "problem": problem}) + "\n")
 
     def __call__(self, ids: np.ndarray, *, weight: float, epoch: int, consumed: int) -> Batch:
+        """Pad the samples `ids` into a Batch. A batch draws from many chunks of its window, so the work
+        is per sample in plain Python (a slice view each) rather than several numpy calls per chunk:
+        at ~40 samples a batch that is the cheaper side."""
         cid = np.searchsorted(self.index.chunk_offsets, ids, side="right") - 1
-        parts, skipped = [], 0
-        for c in np.unique(cid):
-            chunk, bad = self.chunk(int(c))
-            sel = ids[cid == c]
-            local = sel - self.index.chunk_offsets[c]
-            if bad:
-                keep = np.array([int(i) not in bad for i in local])
-                for sid, i in zip(sel[~keep], local[~keep]):
-                    if weight:
-                        self._report(int(sid), chunk, int(i), bad[int(i)], epoch)
-                skipped += int((~keep).sum())
-                sel, local = sel[keep], local[keep]
-            if len(local):
-                parts.append((chunk, sel, local))
-        return self._pad(parts, weight=weight, epoch=epoch, consumed=consumed, skipped=skipped)
-
-    def _pad(self, parts, *, weight: float, epoch: int, consumed: int, skipped: int) -> Batch:
-        lm = self.task == "lm"
-        if not parts:  # every sample was bad: a zero-weight stand-in keeps the step count equal on all ranks
+        lm, per_step = self.task == "lm", self.task == "tag"
+        max_len = self.max_length
+        kept, lengths, values, steps, labels = [], [], [], [], []
+        skipped, first = 0, None
+        for c in np.unique(cid).tolist():
+            chunk, bad, offsets = self.chunk(c)
+            base = int(self.index.chunk_offsets[c])
+            local = []
+            for sid in ids[cid == c].tolist():
+                i = sid - base
+                if i in bad:
+                    if weight:  # a filler repeats a real batch: its bad samples were reported and counted there
+                        self._report(sid, chunk, i, bad[i], epoch)
+                        skipped += 1
+                    continue
+                start = offsets[i]
+                n = min(offsets[i + 1] - start, max_len)
+                values.append(chunk.values[start:start + n])
+                if per_step:
+                    steps.append(chunk.labels[start:start + n])
+                kept.append(sid)
+                lengths.append(n)
+                local.append(i)
+            if local:
+                first = chunk.values if first is None else first
+                if chunk.labels is not None and not lm and not per_step:
+                    labels.append(chunk.labels[local])
+        if not kept:  # every sample was bad: a zero-weight stand-in keeps the step count equal on all ranks
             return self._empty(epoch=epoch, consumed=consumed, skipped=skipped)
-        lens = [np.minimum(np.diff(ch.offsets)[loc], self.max_length) for ch, _, loc in parts]
-        all_lens = np.concatenate(lens)
+        all_lens = np.asarray(lengths, np.int64)
         B, T = len(all_lens), int(all_lens.max())
-        first = parts[0][0].values
         feat = first.ndim == 2
-        inputs = np.zeros((B, T, first.shape[1]) if feat else (B, T), dtype=first.dtype)
-        per_step = self.task in ("tag",)
-        targets = np.full((B, T), -100, np.int64) if per_step else None
-        labels = []
-        row = 0
-        for (chunk, _, local), ln in zip(parts, lens):
-            src = _segments(chunk.offsets[local], ln)
-            rows = np.repeat(np.arange(row, row + len(local)), ln)
-            cols = _segments(np.zeros(len(local), np.int64), ln)
-            inputs[rows, cols] = chunk.values[src]
-            if per_step:
-                targets[rows, cols] = chunk.labels[src]
-            elif chunk.labels is not None and not lm:
-                labels.append(chunk.labels[local])
-            row += len(local)
-        sample_ids = torch.from_numpy(np.concatenate([sel for _, sel, _ in parts]).astype(np.int64))
-        x, lengths = torch.from_numpy(inputs), torch.from_numpy(all_lens.astype(np.int64))
+        # One boolean-mask store of the joined samples into the padded array (widening int32 ids to
+        # int64 in the same pass): no per-token index arrays.
+        mask = np.arange(T) < all_lens[:, None]
+        inputs = np.zeros((B, T, first.shape[1]) if feat else (B, T), dtype=np.float32 if feat else np.int64)
+        inputs[mask] = np.concatenate(values)
+        sample_ids = torch.tensor(kept, dtype=torch.int64)
+        x, lens = torch.from_numpy(inputs), torch.from_numpy(all_lens)
         if lm:
             y = x[:, 1:].clone()
-            y[torch.arange(T - 1)[None, :] >= (lengths[:, None] - 1)] = -100
-            return Batch(x[:, :-1].contiguous(), lengths - 1, y, sample_ids, weight, epoch, consumed, skipped)
+            y[torch.arange(T - 1)[None, :] >= (lens[:, None] - 1)] = -100
+            return Batch(x[:, :-1].contiguous(), lens - 1, y, sample_ids, weight, epoch, consumed, skipped)
         if per_step:
+            targets = np.full((B, T), -100, np.int64)
+            targets[mask] = np.concatenate(steps)
             y = torch.from_numpy(targets)
         elif self.task == "regress":
             y = torch.from_numpy(np.concatenate(labels).astype(np.float32))
         else:
             y = torch.from_numpy(np.concatenate(labels).astype(np.int64))
-        return Batch(x, lengths, y, sample_ids, weight, epoch, consumed, skipped)
+        return Batch(x, lens, y, sample_ids, weight, epoch, consumed, skipped)
 
     def _empty(self, *, epoch: int, consumed: int, skipped: int) -> Batch:
         width = None
@@ -253,17 +256,25 @@ class BatchLoader:
                             prefetch_factor=self.prefetch_factor if workers else None,
                             persistent_workers=False)
         checked = None
-        for batch in loader:
-            if batch.epoch != checked and self.agree is not None:
-                if not self.agree(self.plan_hash(batch.epoch)):
-                    raise RuntimeError(
-                        f"rank {self.dp_rank}: the data plan for epoch {batch.epoch} differs between ranks "
-                        f"(plan {self.params}, seed {self.seed}, dataset {self.index.fingerprint()}); every rank "
-                        f"must see the same shards and data.* settings")
-                checked = batch.epoch
-            plan_done = batch.consumed >= self._num_batches(batch.epoch)
-            self.epoch, self.consumed = (batch.epoch + 1, 0) if plan_done else (batch.epoch, batch.consumed)
-            yield batch
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                if batch.epoch != checked and self.agree is not None:
+                    if not self.agree(self.plan_hash(batch.epoch)):
+                        raise RuntimeError(
+                            f"rank {self.dp_rank}: the data plan for epoch {batch.epoch} differs between ranks "
+                            f"(plan {self.params}, seed {self.seed}, dataset {self.index.fingerprint()}); every "
+                            f"rank must see the same shards and data.* settings")
+                    checked = batch.epoch
+                plan_done = batch.consumed >= self._num_batches(batch.epoch)
+                self.epoch, self.consumed = (batch.epoch + 1, 0) if plan_done else (batch.epoch, batch.consumed)
+                yield batch
+        finally:
+            # Stop the workers now. After a worker error the exception's traceback keeps the
+            # DataLoader iterator alive, and its delayed shutdown waits 5 s per worker.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def _num_batches(self, epoch: int) -> int:
         cached = getattr(self, "_counts", {})

@@ -94,6 +94,8 @@ class EpochPlan:
         self._lengths = lengths
         self._edges = bucket_edges(params.max_length)
         self._sizes = bucket_batch_sizes(self._edges, params)
+        # Bucket of every possible (clipped) length: a gather instead of a search per sample.
+        self._bucket_of = np.searchsorted(self._edges, np.arange(params.max_length + 1)).astype(np.int64)
         n_chunks = len(self._offsets) - 1
         order = _rng(seed, epoch, 0).permutation(n_chunks) if params.shuffle else np.arange(n_chunks)
         self._windows = [order[i:i + params.window_chunks] for i in range(0, n_chunks, params.window_chunks)]
@@ -114,9 +116,13 @@ class EpochPlan:
             ids, lens = ids[keep], lens[keep]
         return ids, np.minimum(lens, self.params.max_length)
 
+    @property
+    def num_windows(self) -> int:
+        return len(self._windows)
+
     def _count_batches(self, w: int) -> int:
         _, lens = self._window_samples(w)
-        per_bucket = np.bincount(np.searchsorted(self._edges, lens), minlength=len(self._edges))
+        per_bucket = np.bincount(self._bucket_of[lens], minlength=len(self._edges))
         return int((-(-per_bucket // self._sizes)).sum())
 
     def window_batches(self, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,11 +131,16 @@ class EpochPlan:
             return self._cache[1], self._cache[2]
         ids, lens = self._window_samples(w)
         rng = _rng(self.seed, self.epoch, 1, w)
-        tie = rng.random(len(ids)) if self.params.shuffle else np.arange(len(ids))
-        order = np.lexsort((tie, lens))
-        ids, buckets = ids[order], np.searchsorted(self._edges, lens[order])
+        if self.params.shuffle:  # random order, then a stable sort by length: random tie-break
+            perm = rng.permutation(len(ids))
+            ids, lens = ids[perm], lens[perm]
+        # Lengths fit 16 bits for any sane max_length, and numpy radix-sorts 16-bit keys.
+        key = lens.astype(np.uint16) if self.params.max_length < 1 << 16 else lens
+        order = np.argsort(key, kind="stable")
+        ids, buckets = ids[order], self._bucket_of[lens[order]]
         # Position of each sample within its bucket -> batch number within the bucket.
-        first = np.searchsorted(buckets, buckets, side="left")
+        per_bucket = np.bincount(buckets, minlength=len(self._edges))
+        first = (np.cumsum(per_bucket) - per_bucket)[buckets]
         batch_key = buckets * (len(ids) + 1) + (np.arange(len(ids)) - first) // self._sizes[buckets]
         starts = np.flatnonzero(np.r_[True, batch_key[1:] != batch_key[:-1]]) if len(ids) else np.zeros(0, np.int64)
         sizes = np.diff(np.r_[starts, len(ids)])
