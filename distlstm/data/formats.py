@@ -4,6 +4,7 @@ into flat numpy arrays (column projection, no per-row Python objects)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import errno
 import os
 
@@ -96,13 +97,27 @@ def _open(path: str, storage_options, retries: int):
     return open_file(path, storage_options=storage_options, retries=retries)
 
 
+@functools.lru_cache(maxsize=8)
+def _local_parquet(path: str, mtime_ns: int, size: int) -> pq.ParquetFile:
+    """Open local shards once per process (the footer is parsed once, not once per row group);
+    keyed by mtime and size so a rewritten file is opened afresh."""
+    return pq.ParquetFile(path)
+
+
+def _parquet_file(path: str, f) -> pq.ParquetFile:
+    if isinstance(f, str):
+        st = os.stat(f)
+        return _local_parquet(f, st.st_mtime_ns, st.st_size)
+    return pq.ParquetFile(f)
+
+
 def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label_column: str | None,
                        storage_options=None, retries: int = 3) -> Chunk:
     """Decode one row group: flat values, offsets, labels. Nulls raise BadSampleError naming the row."""
     columns = [sequence_column] + ([label_column] if label_column else [])
     with _open(path, storage_options, retries) as f:
         try:
-            pf = pq.ParquetFile(f)
+            pf = _parquet_file(path, f)
             table = pf.read_row_group(row_group, columns=columns)
             first_row = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
         except (pa.ArrowInvalid, OSError) as exc:

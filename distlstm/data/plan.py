@@ -159,6 +159,11 @@ class EpochPlan:
         b = g - int(self._window_start[w])
         return ids[offsets[b]:offsets[b + 1]]
 
+    def window_chunks(self, g: int) -> np.ndarray:
+        """Chunk ids of the window holding global batch `g` (a filler's is the last window)."""
+        g = min(g, self.num_batches - 1)
+        return self._windows[int(np.searchsorted(self._window_start, g, side="right") - 1)]
+
     def batches_per_rank(self, dp_world_size: int, start: int = 0) -> int:
         return max(0, -(-(self.num_batches - start) // dp_world_size))
 
