@@ -211,7 +211,8 @@ def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:
         trainer.reporter.close()
         preempt.uninstall()
     if result["stopped"] == "preempted":
-        log(f"preempted ({preempt.signal_name}): checkpoint committed at step {result['step']}")
+        why = preempt.signal_name or "another rank was signalled"
+        log(f"preempted ({why}): checkpoint committed at step {result['step']}")
         if world.is_leader:
             preempt.requeue(cfg.checkpoint.max_requeues, log)
         return 0

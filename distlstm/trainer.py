@@ -154,12 +154,7 @@ class Trainer:
         result = {}
         while not cfg.train.max_steps or self.state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
-            # Starting a DataLoader iterator draws its worker seed from the global torch RNG, which
-            # also drives dropout. That happens at the first batch of every process, so after a resume
-            # at a different step than in an uninterrupted run, and would shift the dropout stream.
-            # The data plan needs no randomness from here: keep the loader off the training RNG.
-            with torch.random.fork_rng(devices=[]):
-                micro = list(islice(batches, cfg.train.accum_steps))
+            micro = list(islice(batches, cfg.train.accum_steps))
             interval.data_wait += time.perf_counter() - t0
             if not micro:
                 break  # max_epochs reached (every rank has the same batch count, so all stop here)
@@ -194,14 +189,19 @@ class Trainer:
         return {"stopped": "finished", "step": self.state.step, **result}
 
     def _record_samples(self, micro: list[Batch]) -> None:
-        """One line per step: `step epoch id id ...` (filler batches, weight 0, left out)."""
+        """One line per step: `step epoch id id ...` (filler batches, weight 0, left out); a step whose
+        micro-batches straddle an epoch boundary gets a line for each epoch it has samples of."""
         if self.run_dir is None:
             return
         path = self.run_dir / "samples" / f"rank{self.world.rank:05d}.txt"
         path.parent.mkdir(exist_ok=True)
-        ids = [str(i) for b in micro if b.weight for i in b.sample_ids.tolist()]
+        by_epoch: dict[int, list[str]] = {}
+        for b in micro:
+            by_epoch.setdefault(b.epoch, []).extend(str(i) for i in (b.sample_ids.tolist() if b.weight else []))
         with open(path, "a") as f:
-            f.write(f"{self.state.step} {micro[-1].epoch} {' '.join(ids)}\n")
+            for epoch, ids in by_epoch.items():
+                if ids or epoch == micro[-1].epoch:
+                    f.write(f"{self.state.step} {epoch} {' '.join(ids)}\n")
 
     def _agree_flags(self, last_save: float) -> tuple[bool, bool]:
         """(preempted, time-based save due), agreed by all ranks so they all save at the same step."""
@@ -326,6 +326,10 @@ class Trainer:
         from distlstm.checkpoint import set_rng_state
         extra = loaded["extra"]
         self.state = TrainState(**extra["train"])
+        # This step is already checkpointed. Saving it again (at_end, when the run was killed after
+        # its last checkpoint but before final.json) would set the good copy aside first, and a kill
+        # then would leave no checkpoint at all (with keep_last=1).
+        self._saved_step = self.state.step
         self.scheduler.load_state_dict(extra["scheduler"])
         self.train_loader.load_state_dict(extra["loader"])
         if self.amp.scaler is not None and extra.get("scaler"):

@@ -11,6 +11,9 @@ MODULE=${MODULE:-distlstm.train}
 PYTHON=${PYTHON:-python}
 
 pids=()
+# torchrun restarts (--max-restarts) otherwise let new workers read the dead ones' gloo
+# addresses from the shared rendezvous store and fail or hang (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
 for node in 0 1; do
   # No --node_rank: c10d rendezvous assigns node ranks (torchrun ignores the flag with c10d).

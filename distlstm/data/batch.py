@@ -59,8 +59,16 @@ class Batch:
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return self._replace(lambda t: t.to(device, non_blocking=non_blocking))
 
+    def as_tensors(self) -> "Batch":
+        """Workers build batches as numpy arrays (cheap to send between processes); the main
+        process wraps them as tensors without a copy."""
+        if isinstance(self.inputs, torch.Tensor):
+            return self
+        return dataclasses.replace(self, inputs=torch.from_numpy(self.inputs), lengths=torch.from_numpy(self.lengths),
+                                   targets=torch.from_numpy(self.targets), sample_ids=torch.from_numpy(self.sample_ids))
+
     def pin_memory(self) -> "Batch":
-        return self._replace(lambda t: t.pin_memory())
+        return self.as_tensors()._replace(lambda t: t.pin_memory())
 
     @property
     def num_tokens(self) -> int:

@@ -129,7 +129,7 @@ class _Assembler:
         if self._win is None or self._win.key != key:
             self._win = None  # free the previous window before decoding the next
             self._win = _Window(key, [(c, *self.chunk(c)) for c in key], self.index.chunk_offsets,
-                                per_step=self.task == "tag")
+                                per_step=self.task == "tag", max_length=self.max_length)
         return self._win
 
     def __call__(self, ids: np.ndarray, *, weight: float, epoch: int, consumed: int,
@@ -153,25 +153,26 @@ class _Assembler:
         lens = np.minimum(win.lens[pos], self.max_length)
         B, T = len(pos), int(lens.max())
         mask = np.arange(T) < lens[:, None]
-        # Source index of every (sample, step); clipped so padding positions read something valid
-        # (they are zeroed by the mask right after).
-        src = np.minimum(win.starts[pos][:, None] + np.arange(T), max(len(win.values) - 1, 0))
-        gathered = win.values[src]
-        feat = gathered.ndim == 3
-        inputs = np.where(mask[..., None] if feat else mask, gathered, 0).astype(np.float32 if feat else np.int64)
-        sample_ids = torch.from_numpy(ids.astype(np.int64))
-        x, lengths = torch.from_numpy(inputs), torch.from_numpy(lens.astype(np.int64))
+        # Source index of every (sample, step); the window buffer ends with max_length zeros, so the
+        # padding positions of the last samples stay in bounds (the mask zeroes them right after).
+        src = win.starts[pos][:, None] + np.arange(T)
+        inputs = win.values[src]
+        inputs[~mask] = 0
+        # numpy, not torch, until the main process: tensors cross from a DataLoader worker through one
+        # shared-memory segment each (about 1 ms per batch); numpy arrays travel inside the pickle.
+        lens = lens.astype(np.int64)
         if self.task == "lm":
-            y = x[:, 1:].clone()
-            y[torch.arange(T - 1)[None, :] >= (lengths[:, None] - 1)] = -100
-            return Batch(x[:, :-1].contiguous(), lengths - 1, y, sample_ids, weight, epoch, consumed, skipped)
+            y = inputs[:, 1:].copy()
+            y[np.arange(T - 1)[None, :] >= (lens[:, None] - 1)] = -100
+            return Batch(np.ascontiguousarray(inputs[:, :-1]), lens - 1, y, ids.astype(np.int64), weight, epoch,
+                         consumed, skipped)
         if self.task == "tag":
-            y = torch.from_numpy(np.where(mask, win.labels[src], -100).astype(np.int64))
+            y = np.where(mask, win.labels[src], -100).astype(np.int64)
         elif self.task == "regress":
-            y = torch.from_numpy(win.labels[pos].astype(np.float32))
+            y = win.labels[pos].astype(np.float32)
         else:
-            y = torch.from_numpy(win.labels[pos].astype(np.int64))
-        return Batch(x, lengths, y, sample_ids, weight, epoch, consumed, skipped)
+            y = win.labels[pos].astype(np.int64)
+        return Batch(inputs, lens, y, ids.astype(np.int64), weight, epoch, consumed, skipped)
 
     def _empty(self, *, epoch: int, consumed: int, skipped: int) -> Batch:
         width = None
@@ -189,7 +190,7 @@ class _Window:
     """Flat buffers over the chunks of one plan window: values, per-sample start/length/label/bad."""
 
     def __init__(self, key: tuple, chunks: list[tuple[int, Chunk, dict[int, str]]], chunk_offsets: np.ndarray,
-                 *, per_step: bool):
+                 *, per_step: bool, max_length: int):
         self.key = key
         ids = np.array([c for c, _, _ in chunks], dtype=np.int64)
         self._sorted = np.argsort(ids)
@@ -203,8 +204,14 @@ class _Window:
                                      [np.zeros(0, np.int64)])
         self.lens = np.concatenate([np.diff(ch.offsets) for _, ch, _ in chunks] or [np.zeros(0, np.int64)])
         filled = [ch.values for _, ch, _ in chunks if len(ch.values)]
-        self.values = np.concatenate(filled) if filled else np.zeros(1, np.int64)
-        self.labels = self._join_labels(chunks, per_step)
+        if filled:
+            # Widened once per window (ids to int64, features to float32), then each batch is one gather.
+            dtype = np.float32 if filled[0].dtype.kind == "f" else np.int64
+            tail = np.zeros((max_length,) + filled[0].shape[1:], dtype)
+            self.values = np.concatenate(filled + [tail]).astype(dtype, copy=False)
+        else:
+            self.values = np.zeros(max_length, np.int64)
+        self.labels = self._join_labels(chunks, per_step, max_length)
         self.bad = np.zeros(int(self._base[-1]), dtype=bool)
         self._chunks = chunks
         for k, (_, _, bad) in enumerate(chunks):
@@ -213,7 +220,7 @@ class _Window:
         self.any_bad = bool(self.bad.any())
 
     @staticmethod
-    def _join_labels(chunks, per_step: bool) -> np.ndarray | None:
+    def _join_labels(chunks, per_step: bool, max_length: int) -> np.ndarray | None:
         present = [ch.labels for _, ch, _ in chunks if ch.labels is not None and len(ch.labels)]
         if not present:
             return None
@@ -221,6 +228,8 @@ class _Window:
         parts = [ch.labels if ch.labels is not None and len(ch.labels) else
                  np.zeros((len(ch.values) if per_step else len(ch),) + like.shape[1:], like.dtype)
                  for _, ch, _ in chunks]
+        if per_step:  # aligned with `values`, tail included
+            parts.append(np.zeros(max_length, like.dtype))
         return np.concatenate(parts)
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
@@ -301,13 +310,18 @@ class BatchLoader:
                          dp_world_size=self.dp_world_size, epoch=self.epoch, consumed=self.consumed,
                          max_epochs=self.max_epochs)
         workers = self.num_workers
-        loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if workers else None,
-                            persistent_workers=False)
+        if workers:
+            # A generator of its own: by default, starting the workers draws their base seed from the
+            # global torch RNG, which also drives dropout, so a resumed run's dropout would shift.
+            batches = iter(DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                                      prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                                      generator=torch.Generator().manual_seed(self.seed)))
+        else:  # in-process: the DataLoader would only add per-batch overhead
+            batches = (b.pin_memory() if self.pin_memory else b for b in iter(stream))
         checked = None
-        batches = iter(loader)
         try:
             for batch in batches:
+                batch = batch.as_tensors()
                 if batch.epoch != checked and self.agree is not None:
                     if not self.agree(self.plan_hash(batch.epoch)):
                         raise RuntimeError(

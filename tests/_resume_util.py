@@ -1,0 +1,155 @@
+"""`python -m distlstm.train` with a fault injected at a chosen moment (helper for tests/test_resume.py).
+
+    python tests/_resume_util.py [train args ...]              # one process
+    torchrun ... tests/_resume_util.py [train args ...]         # every rank
+
+The fault comes from the environment, so the training command line stays byte-identical to an
+uninterrupted run's (the LR schedule and the data plan depend on it):
+
+    DISTLSTM_TEST_FAULT='{"action": "signal", "sig": "SIGUSR1", "step": 7, "rank": 0}'
+        send SIGUSR1 to this process while it runs optimizer step 7 (1-based, counted across
+        restarts: the trainer's step counter), as a scheduler would at an arbitrary moment
+    DISTLSTM_TEST_FAULT='{"action": "kill", "step": 7, "rank": 1, "restart": 0}'
+        SIGKILL this process in the middle of step 7 (after backward, before the optimizer step);
+        "restart" limits it to torchrun's first attempt (TORCHELASTIC_RESTART_COUNT)
+    DISTLSTM_TEST_FAULT='{"action": "kill", "after_steps": 2}'
+        SIGKILL in the middle of the 2nd optimizer step this process runs (whatever step it resumed at)
+    DISTLSTM_TEST_FAULT='{"action": "kill", "after_s": 0.3}'
+        SIGKILL 0.3 s after this process starts its first step, wherever it is then (a step, a save,
+        a retention delete, the final evaluation); a timer thread, as good as an outside `kill -9`
+    DISTLSTM_TEST_FAULT='{"action": "kill", "point": "manifest", "count": 2}'
+        SIGKILL the 2nd time this process reaches a point inside the checkpoint code (see POINTS)
+
+The signal goes through the real handler (distlstm.preempt) and SIGKILL is SIGKILL: only *when*
+it happens is chosen here, which makes the tests deterministic instead of racing a timer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+# Where a kill inside a save or a retention leaves the checkpoint directory:
+POINTS = {
+    "small_files": "step-N.tmp exists and is empty (a save just started)",
+    "shards": "every file of step-N.tmp written, MANIFEST.json not yet",
+    "manifest": "MANIFEST.json about to be written into step-N.tmp (the last step before the commit)",
+    "latest": "step-N committed (renamed), the 'latest' pointer still names the previous checkpoint",
+    "retire": "an old checkpoint renamed to .deleting, nothing of it removed yet",
+    "rmtree": "an old checkpoint's .deleting directory half removed",
+    "resave": "a save of a step that already has a checkpoint set the old one aside (.deleting), "
+              "the new one not yet renamed into place",
+    "finish": "training and its last checkpoint done, final.json and model.pt not yet written",
+}
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(fault: dict) -> None:
+    from distlstm import checkpoint, trainer
+
+    rank = int(os.environ.get("RANK", "0"))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if fault.get("rank", rank) != rank or fault.get("restart", attempt) != attempt:
+        return
+
+    if "step" in fault or "after_steps" in fault or "after_s" in fault:
+        original, ran = trainer.Trainer.forward_backward, {"n": 0}
+
+        def forward_backward(self, micro_batches):
+            original(self, micro_batches)
+            ran["n"] += 1
+            if "after_s" in fault:
+                if ran["n"] == 1:
+                    threading.Thread(target=lambda: (time.sleep(fault["after_s"]), _die()), daemon=True).start()
+                return
+            # state.step counts completed steps; this one is not complete yet.
+            if self.state.step + 1 == fault.get("step") or ran["n"] == fault.get("after_steps"):
+                if fault["action"] == "kill":
+                    _die()
+                os.kill(os.getpid(), getattr(signal, fault.get("sig", "SIGUSR1")))
+
+        trainer.Trainer.forward_backward = forward_backward
+        return
+
+    point, seen = fault["point"], {"n": 0}
+    if point not in POINTS:
+        raise SystemExit(f"_resume_util: unknown point {point!r}; one of {sorted(POINTS)}")
+
+    def reached(name: str) -> bool:
+        if name != point:
+            return False
+        seen["n"] += 1
+        return seen["n"] == fault.get("count", 1)
+
+    def wrap(owner, attr, before=None, after=None):
+        original = getattr(owner, attr)
+
+        def wrapper(*args, **kwargs):
+            if before and reached(before(*args)):
+                _die()
+            result = original(*args, **kwargs)
+            if after and reached(after):
+                _die()
+            return result
+
+        setattr(owner, attr, wrapper)
+
+    mgr = checkpoint.CheckpointManager
+    wrap(mgr, "_write_small_files", before=lambda *a: "small_files")
+    wrap(mgr, "_write_shards", after="shards")
+    file_points = {checkpoint.MANIFEST: "manifest", f"{checkpoint.LATEST}.tmp": "latest"}
+    wrap(checkpoint, "_write_file", before=lambda path, data: file_points.get(Path(path).name))
+
+    retire = mgr._retire
+
+    def _retire(self, path, remove=True):
+        retire(self, path, remove)
+        if not remove and reached("resave"):
+            _die()
+
+    mgr._retire = _retire
+
+    from distlstm import train
+    finish = train.finish
+
+    def finish_then_maybe_die(*args, **kwargs):
+        if reached("finish"):
+            _die()
+        return finish(*args, **kwargs)
+
+    train.finish = finish_then_maybe_die
+
+    def rmtree(path, ignore_errors=False):
+        import shutil
+        if reached("retire"):
+            _die()
+        if reached("rmtree"):
+            files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+            for p in files[: max(1, len(files) // 2)]:
+                p.unlink()
+            _die()
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+    checkpoint.shutil = type("shutil_shim", (), {"rmtree": staticmethod(rmtree)})
+
+
+def main() -> int:
+    fault = os.environ.get("DISTLSTM_TEST_FAULT")
+    if fault:
+        install(json.loads(fault))
+    from distlstm.train import main as train_main
+    return train_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
