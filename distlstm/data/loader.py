@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -153,21 +154,21 @@ class _Assembler:
         lens = np.minimum(win.lens[pos], self.max_length)
         B, T = len(pos), int(lens.max())
         mask = np.arange(T) < lens[:, None]
-        # Source index of every (sample, step); the window buffer ends with max_length zeros, so the
-        # padding positions of the last samples stay in bounds (the mask zeroes them right after).
-        src = win.starts[pos][:, None] + np.arange(T)
-        inputs = win.values[src]
-        inputs[~mask] = 0
+        # One row copy per sample from the window's sliding view (no per-token index array); rows
+        # run past a sample's end into its neighbours, and the mask zeroes those steps.
+        starts = win.starts[pos]
+        inputs = win.rows[:, :T][starts]
+        np.multiply(inputs, mask[..., None] if inputs.ndim == 3 else mask, out=inputs)
         # numpy, not torch, until the main process: tensors cross from a DataLoader worker through one
         # shared-memory segment each (about 1 ms per batch); numpy arrays travel inside the pickle.
         lens = lens.astype(np.int64)
         if self.task == "lm":
-            y = inputs[:, 1:].copy()
+            y = inputs[:, 1:].astype(np.int64)
             y[np.arange(T - 1)[None, :] >= (lens[:, None] - 1)] = -100
             return Batch(np.ascontiguousarray(inputs[:, :-1]), lens - 1, y, ids.astype(np.int64), weight, epoch,
                          consumed, skipped)
         if self.task == "tag":
-            y = np.where(mask, win.labels[src], -100).astype(np.int64)
+            y = np.where(mask, win.labels[starts[:, None] + np.arange(T)], -100).astype(np.int64)
         elif self.task == "regress":
             y = win.labels[pos].astype(np.float32)
         else:
@@ -205,12 +206,19 @@ class _Window:
         self.lens = np.concatenate([np.diff(ch.offsets) for _, ch, _ in chunks] or [np.zeros(0, np.int64)])
         filled = [ch.values for _, ch, _ in chunks if len(ch.values)]
         if filled:
-            # Widened once per window (ids to int64, features to float32), then each batch is one gather.
-            dtype = np.float32 if filled[0].dtype.kind == "f" else np.int64
+            # Features as float32; token ids keep a 32-bit type when they have one (nn.Embedding takes
+            # int32 indices): half the bytes to gather, pickle and copy to the device.
+            kind = filled[0].dtype
+            dtype = np.float32 if kind.kind == "f" else kind if kind.itemsize <= 4 and kind.kind == "i" else np.int64
             tail = np.zeros((max_length,) + filled[0].shape[1:], dtype)
             self.values = np.concatenate(filled + [tail]).astype(dtype, copy=False)
         else:
             self.values = np.zeros(max_length, np.int64)
+        # rows[i] = values[i : i + max_length] without a copy; the buffer ends with max_length zeros,
+        # so every sample's row is in bounds.
+        self.rows = sliding_window_view(self.values, max_length, axis=0)
+        if self.values.ndim == 2:
+            self.rows = self.rows.transpose(0, 2, 1)
         self.labels = self._join_labels(chunks, per_step, max_length)
         self.bad = np.zeros(int(self._base[-1]), dtype=bool)
         self._chunks = chunks
