@@ -192,7 +192,7 @@ class LogConfig:
     """What is reported and where."""
 
     every_steps: int = opt(20, "log loss, lr, grad norm, tokens/s every N steps (the only host sync)")
-    progress: bool = opt(True, "progress bar on the leader rank")
+    progress: bool = opt(True, "progress bar on the leader rank (when stderr is a terminal; else log lines)")
     tensorboard: bool = opt(True, "write TensorBoard event files into the run directory")
     sample_ids: bool = opt(False, "audit trail: append each step's sample ids to samples/rank<N>.txt "
                                   "in the run directory (which rank consumed what, and when)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import math
 import time
 from pathlib import Path
@@ -18,7 +19,9 @@ class Reporter:
         self.enabled = enabled
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not (enabled and progress)) if enabled else None
+                        # A bar is for a terminal; in a batch log it would be thousands of
+                        # carriage-return lines, so there the interval lines are printed instead.
+                        disable=not (enabled and progress and sys.stderr.isatty())) if enabled else None
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -27,7 +27,8 @@ from distlstm.metrics import Reporter
 from distlstm.models.lstm import build_model, num_parameters
 from distlstm.parallel import AmpPolicy, all_reduce_host, apply_ddp, control_group, unwrap
 from distlstm.trainer import Trainer, build_optimizer
-from distlstm.world import World, default_backend, default_device, describe, detect_world, init_process_group
+from distlstm.world import (World, default_backend, default_device, describe, destroy_process_group, detect_world,
+                            init_process_group)
 
 USAGE = """usage: python -m distlstm.train [--config FILE.toml] [--SECTION.KEY VALUE ...]
 
@@ -146,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     backend = default_backend(device) if cfg.train.backend == "auto" else cfg.train.backend
     init_process_group(world, backend=backend, timeout_s=cfg.train.timeout_s, device=device)
+    finished = False
     try:
-        return run(cfg, world, device, backend)
+        code = run(cfg, world, device, backend)
+        finished = True
+        return code
     finally:
-        from distlstm.world import destroy_process_group
-        destroy_process_group()
+        destroy_process_group(barrier=finished)
 
 
 def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:

@@ -298,8 +298,13 @@ def init_process_group(world: World, *, backend: str, timeout_s: float,
                             **kwargs)
 
 
-def destroy_process_group() -> None:
+def destroy_process_group(*, barrier: bool = False) -> None:
+    """Leave the process group. `barrier=True` (on the success path only: after a failure a peer
+    may be gone) first waits for every rank, so no rank tears down its connections while another
+    is still inside a collective with it (gloo aborts the process when that happens)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

@@ -68,7 +68,7 @@ def main() -> int:
     trainer.forward_backward(mine)
     if world.is_leader:
         torch.save({n: p.grad.clone() for n, p in model.named_parameters()}, args.out)
-    destroy_process_group()
+    destroy_process_group(barrier=True)
     return 0
 
 

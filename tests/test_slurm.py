@@ -79,7 +79,7 @@ def wait_job(env, job_id, log: Path, timeout_s=600, until=("COMPLETED",)):
         if info.get("JobState") in final:
             break
         time.sleep(1)
-    text = log.read_text() if log.exists() else "(no log)"
+    text = log.read_text(errors="replace") if log.exists() else "(no log)"
     assert info.get("JobState") in until, f"job {job_id}: {info.get('JobState')}\n{text[-4000:]}"
     return info, text
 
@@ -131,7 +131,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, reference_run, tmp
     job, run_dir, log = run_cpu_template(slurm, tmp_path, "preempt", *TINY)
     deadline = time.monotonic() + 300
     while last_logged_step(run_dir / "metrics.jsonl") < 7:  # mid-training, past one checkpoint
-        assert job_info(slurm, job).get("JobState") in ("PENDING", "RUNNING"), log.read_text()
+        assert job_info(slurm, job).get("JobState") in ("PENDING", "RUNNING"), log.read_text(errors="replace")
         assert time.monotonic() < deadline, "training never reached step 7"
         time.sleep(0.5)
     # What SLURM does 120 s before the time limit (#SBATCH --signal=B:USR1@120), right now.
