@@ -69,3 +69,16 @@ def test_bad_flag_exits_2_with_the_key():
     proc = subprocess.run([sys.executable, "-m", "distlstm.train", "--optim.lrr", "1"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "unknown key optim.lrr" in proc.stderr
+
+
+def test_saved_config_never_contains_credentials(tmp_path):
+    """The run directory's config.toml is shared freely: URLs lose their credentials, storage
+    options their values."""
+    from distlstm.config import to_toml
+    from distlstm.data.sources import redact
+    cfg = load_config(None, ["--data.train", "https://alice:s3cret@example.org/d/train-{0..3}.parquet?token=abc123",
+                             "--data.storage_options", '{"key": "AKIAXXXX", "secret": "hunter2"}'])
+    text = to_toml(cfg, redact=redact)
+    for secret in ("s3cret", "abc123", "AKIAXXXX", "hunter2", "alice"):
+        assert secret not in text, secret
+    assert "example.org/d/train-{0..3}.parquet" in text

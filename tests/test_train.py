@@ -108,3 +108,11 @@ def test_debug_mode_smoke(tmp_path):
     """--train.debug (anomaly detection, deterministic algorithms) with a tiny --train.max_steps."""
     run_dir, out = train(tmp_path, "debug", *SMALL, "--train.max_steps", "3", "--train.debug")
     assert json.loads((run_dir / "final.json").read_text())["step"] == 3
+
+
+def test_time_based_checkpoint_cadence(tmp_path):
+    """--checkpoint.every_minutes: saves happen on wall-clock time (agreed by all ranks), not steps."""
+    run_dir, _ = train(tmp_path, "minutes", *SMALL, "--train.max_steps", "12", "--checkpoint.every_minutes",
+                       "0.0001", "--checkpoint.keep_last", "50", "--checkpoint.at_end", "false", nproc=2)
+    steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert len(steps) >= 10, steps
