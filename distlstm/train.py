@@ -152,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         code = run(cfg, world, device, backend)
         finished = True
         return code
+    except (ValueError, OSError) as exc:
+        # Bad input (config, data, paths) and I/O failures: the message names the file, row or key
+        # and the fix; a traceback would only bury it. --train.debug keeps the traceback.
+        if cfg.train.debug:
+            raise
+        print(f"error: rank {world.rank}: {exc}\n(--train.debug shows the traceback)", file=sys.stderr)
+        return 2
     finally:
         destroy_process_group(barrier=finished)
 

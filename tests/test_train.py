@@ -116,3 +116,12 @@ def test_time_based_checkpoint_cadence(tmp_path):
                        "0.0001", "--checkpoint.keep_last", "50", "--checkpoint.at_end", "false", nproc=2)
     steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert len(steps) >= 10, steps
+
+
+def test_bad_data_path_is_a_clean_error(tmp_path):
+    """A user mistake ends with one line naming what was looked for, exit 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "distlstm.train", "--data.train", str(tmp_path / "nope-*.parquet"),
+                           "--train.run_dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DISTLSTM_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2
+    assert "nope-*.parquet: glob matched no files" in proc.stderr and "Traceback" not in proc.stderr
