@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distlstm.data.batch import Chunk
+from distlstm.data.plan import _segments
 from distlstm.data.errors import BadSampleError
 from distlstm.data.sources import open_file, redact
 
@@ -111,9 +112,25 @@ def _parquet_file(path: str, f) -> pq.ParquetFile:
     return pq.ParquetFile(f)
 
 
+def _vector_labels(path: str, column: str, lab: pa.Array, first_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """A list<float> target column (regression with K outputs) as an (n, K) array + null mask."""
+    lab_offsets, lab_nulls, lab_values = _list_parts(lab)
+    widths = np.diff(lab_offsets)[~lab_nulls]
+    if len(np.unique(widths)) > 1:
+        row = int(np.flatnonzero(np.diff(lab_offsets) != widths[0])[0])
+        raise BadSampleError(redact(path), f"row {first_row + row}", f"'{column}' has {np.diff(lab_offsets)[row]} "
+                             f"values but earlier rows have {widths[0]}", fix="give every sample the same number of targets")
+    k = int(widths[0]) if len(widths) else 1
+    flat = lab_values.to_numpy(zero_copy_only=False).astype(np.float32)
+    labels = np.zeros((len(lab_nulls), k), np.float32)
+    labels[~lab_nulls] = flat.reshape(-1, k)
+    return labels, lab_nulls
+
+
 def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label_column: str | None,
-                       storage_options=None, retries: int = 3) -> Chunk:
-    """Decode one row group: flat values, offsets, labels. Nulls raise BadSampleError naming the row."""
+                       storage_options=None, retries: int = 3, task: str | None = None) -> Chunk:
+    """Decode one row group: flat values, offsets, labels. A list label column is per-step tags for
+    task tag (aligned with `values`) and a K-vector per sample otherwise (labels shape (n, K))."""
     columns = [sequence_column] + ([label_column] if label_column else [])
     with _open(path, storage_options, retries) as f:
         try:
@@ -137,14 +154,27 @@ def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label
     labels = None
     if label_column:
         lab = table.column(1).combine_chunks()
-        if pa.types.is_list(lab.type) or pa.types.is_large_list(lab.type):
+        is_list = pa.types.is_list(lab.type) or pa.types.is_large_list(lab.type) or pa.types.is_fixed_size_list(lab.type)
+        if is_list and task != "tag":
+            labels, lab_nulls = _vector_labels(path, label_column, lab, first_row)
+            nulls = nulls | lab_nulls
+        elif is_list:
             lab_offsets, lab_nulls, lab_values = _list_parts(lab)
-            if not np.array_equal(np.diff(lab_offsets)[~lab_nulls], np.diff(offsets)[~lab_nulls]):
-                bad = int(np.flatnonzero(np.diff(lab_offsets) != np.diff(offsets))[0])
+            both = ~(nulls | lab_nulls)
+            if not np.array_equal(np.diff(lab_offsets)[both], np.diff(offsets)[both]):
+                bad = int(np.flatnonzero((np.diff(lab_offsets) != np.diff(offsets)) & both)[0])
                 raise BadSampleError(redact(path), f"row {first_row + bad}", f"'{label_column}' has "
                                      f"{np.diff(lab_offsets)[bad]} steps but '{sequence_column}' has {np.diff(offsets)[bad]}")
             nulls = nulls | lab_nulls
             labels = lab_values.to_numpy(zero_copy_only=False)
+            if nulls.any():
+                # Tags must line up with `values` step for step: rows with a null sequence or null
+                # tags get zeros in their place (they are reported as bad and never used).
+                aligned = np.zeros(int(offsets[-1]), labels.dtype)
+                keep = np.flatnonzero(~nulls)
+                aligned[_segments(offsets[keep], np.diff(offsets)[keep])] = \
+                    labels[_segments(lab_offsets[keep], np.diff(lab_offsets)[keep])]
+                labels = aligned
         else:
             nulls = nulls | (lab.is_null().to_numpy(zero_copy_only=False) if lab.null_count else False)
             labels = lab.fill_null(0).to_numpy(zero_copy_only=False)

@@ -98,7 +98,7 @@ class DatasetIndex:
             from distlstm.data.formats import read_parquet_chunk
             return read_parquet_chunk(shard, int(self.chunk_local[c]), sequence_column=self.sequence_column,
                                       label_column=self.label_column, storage_options=self.storage_options,
-                                      retries=self.retries)
+                                      retries=self.retries, task=task)
         from distlstm.data.tar import read_tar_chunk
         lo, hi = int(self.chunk_offsets[c]), int(self.chunk_offsets[c + 1])
         return read_tar_chunk(shard, storage_options=self.storage_options, retries=self.retries, task=task,

@@ -176,14 +176,17 @@ class _Assembler:
         return Batch(inputs, lens, y, ids.astype(np.int64), weight, epoch, consumed, skipped)
 
     def _empty(self, *, epoch: int, consumed: int, skipped: int) -> Batch:
-        width = None
+        """A one-sample, zero-weight batch of the right types (every sample of a batch was bad)."""
+        width = int(self.index.meta.get("input_size") or 0)
+        targets = int(self.index.meta.get("num_targets") or 1)
         for c in list(self.cache):
-            vals = self.cache[c][0].values
-            if vals.ndim == 2 and vals.shape[1]:
-                width = vals.shape[1]
+            vals, labels = self.cache[c][0].values, self.cache[c][0].labels
+            width = vals.shape[1] if vals.ndim == 2 and vals.shape[1] else width
+            if self.task == "regress" and labels is not None and labels.ndim == 2:
+                targets = labels.shape[1]
         x = torch.zeros((1, 2, width) if width else (1, 2), dtype=torch.float32 if width else torch.int64)
         y = {"tag": torch.full((1, 2), -100), "lm": torch.full((1, 2), -100),
-             "regress": torch.zeros(1)}.get(self.task, torch.zeros(1, dtype=torch.int64))
+             "regress": torch.zeros((1, targets) if targets > 1 else (1,))}.get(self.task, torch.zeros(1, dtype=torch.int64))
         return Batch(x, torch.tensor([2]), y, torch.tensor([-1]), 0.0, epoch, consumed, skipped)
 
 
