@@ -45,7 +45,7 @@ def _check_choices(section: str, obj: Any) -> None:
 def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value < 0 or (value == 0 and not allow_zero):
+        if not (value > 0 or (value == 0 and allow_zero)):  # also rejects nan
             need = ">= 0" if allow_zero else "> 0"
             raise ConfigError(f"{section}.{name}={value!r} must be {need}")
 
@@ -127,7 +127,7 @@ class OptimConfig:
     eps: float = opt(1e-8, "AdamW epsilon")
     warmup_steps: int = opt(30, "optimizer steps of linear warmup")
     schedule: str = opt("cosine", "learning-rate decay after warmup", ("cosine", "constant"))
-    min_lr_ratio: float = opt(0.1, "cosine decays to lr x this at train.max_steps")
+    min_lr_ratio: float = opt(0.1, "cosine decays to lr x this at the last step (train.max_steps, or the steps of train.max_epochs)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (after unscaling); 0 = off")
 
     def __post_init__(self) -> None:
@@ -135,7 +135,7 @@ class OptimConfig:
         _positive("optim", self, "lr", "eps")
         _positive("optim", self, "weight_decay", "warmup_steps", "grad_clip", allow_zero=True)
         for name in ("beta1", "beta2", "min_lr_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+            if not 0.0 <= getattr(self, name) <= 1.0:  # nan fails too
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1]")
 
 

@@ -133,6 +133,22 @@ def resolve_model_config(cfg: Config, index: DatasetIndex):
     return dataclasses.replace(m, input="features" if features else "tokens")
 
 
+def total_steps(cfg: Config, index: DatasetIndex, world: World) -> int:
+    """Optimizer steps the run will take (what the cosine schedule spans): train.max_steps, or, for
+    an epoch-limited run, the steps the data plan gives each rank over train.max_epochs."""
+    from distlstm.data.loader import plan_params
+    from distlstm.data.plan import EpochPlan
+    epoch_steps = 0
+    if cfg.train.max_epochs:
+        params = plan_params(cfg.data)
+        for epoch in range(cfg.train.max_epochs):
+            plan = EpochPlan(index.chunk_offsets, index.lengths, params, seed=cfg.data.seed, epoch=epoch)
+            epoch_steps += -(-plan.batches_per_rank(world.world_size) // cfg.train.accum_steps)
+    if cfg.train.max_steps and epoch_steps:
+        return min(cfg.train.max_steps, epoch_steps)
+    return cfg.train.max_steps or epoch_steps
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
@@ -140,11 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     world = detect_world()
-    device = torch.device(default_device(world) if cfg.train.device == "auto" else
-                          ("cuda", world.local_rank) if cfg.train.device == "cuda" else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
         print("error: train.device=cuda but CUDA is not available; use --train.device cpu", file=sys.stderr)
         return 2
+    device = default_device(world) if cfg.train.device != "cpu" else torch.device("cpu")
     backend = default_backend(device) if cfg.train.backend == "auto" else cfg.train.backend
     init_process_group(world, backend=backend, timeout_s=cfg.train.timeout_s, device=device)
     finished = False
@@ -170,6 +185,9 @@ def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:
     _debug_mode(cfg)
     group = control_group(backend)
     run_dir = resolve_run_dir(cfg, world, group)
+    if not cfg.train.run_dir and cfg.checkpoint.resume == "auto":
+        log(f"run directory {run_dir} is new: to resume this run after a stop, start it again with "
+            f"--train.run_dir {run_dir}")
     log(describe(world) + f", device {device}, backend {backend if world.is_distributed else '-'}")
     if world.is_leader:
         (run_dir / "config.toml").write_text(to_toml(cfg, redact=redact))
@@ -184,7 +202,7 @@ def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:
     # Each rank gets its own dropout stream; DDP broadcasts rank 0's initial weights.
     torch.manual_seed(cfg.train.seed + 1000 * world.rank)
     ddp_model = apply_ddp(model, world, device)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps, device)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps(cfg, train_index, world), device)
     amp = AmpPolicy(cfg.train.precision, device)
 
     def agree(value: int) -> bool:

@@ -87,6 +87,11 @@ class Trainer:
         # Consecutive non-finite steps, kept on the device and read only at the log cadence.
         self.bad_run = torch.zeros((), device=device)
         self.grad_norm = torch.zeros((), device=device)
+        # Steps fused AdamW skipped (non-finite, fp32/bf16), counted on the device; host-side
+        # counts since the last flush (see _flush_counters).
+        self.skipped_dev = torch.zeros((), device=device)
+        self._pending_tokens = self._pending_skipped = 0
+        self._clock = time.perf_counter()
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.item_sum = 0.0
         self.last_micro: list[Batch] = []
@@ -133,7 +138,12 @@ class Trainer:
             # is fp16's one host sync per step; bf16 and fp32 need none.
             if scaler.get_scale() < before:
                 self.state.skipped_steps += 1
+                # Overflow skips are routine while the scale settles; overflowing with a scale
+                # below 1 means the values are not finite even unscaled: count toward max_bad_steps.
+                if scaler.get_scale() < 1.0:
+                    self.bad_run = self.bad_run + 1
                 return
+            self.bad_run = torch.zeros_like(self.bad_run)
             self.scheduler.step()
             return
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
@@ -143,13 +153,16 @@ class Trainer:
         self.optimizer.step()
         del self.optimizer.found_inf, self.optimizer.grad_scale
         self.bad_run = (self.bad_run + bad) * bad
+        self.skipped_dev += bad
+        # Advances here; _flush_counters takes the skipped steps back off the schedule.
         self.scheduler.step()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         cfg = self.cfg
         batches = iter(self.train_loader)
-        meter_start, interval = time.perf_counter(), _Interval()
+        interval = _Interval()
+        self._clock = time.perf_counter()
         last_save = time.monotonic()
         result = {}
         while not cfg.train.max_steps or self.state.step < cfg.train.max_steps:
@@ -160,6 +173,8 @@ class Trainer:
                 break  # max_epochs reached (every rank has the same batch count, so all stop here)
             for b in micro:
                 interval.add(b, self.task)
+                self._pending_tokens += b.num_tokens if b.weight else 0
+                self._pending_skipped += b.num_skipped
             self.train_step(micro)
             self.last_micro = micro
             if cfg.log.sample_ids:
@@ -179,14 +194,31 @@ class Trainer:
                 last_save = time.monotonic()
             if stop:
                 return {"stopped": "preempted", "step": self.state.step}
-        self.state.elapsed_s += time.perf_counter() - meter_start
         if interval.steps:
             self._log_interval(interval)
         if not cfg.train.eval_every or self.state.step % cfg.train.eval_every or not result:
             result = self.evaluate()
         if cfg.checkpoint.at_end:
             self.save()
+        self._flush_counters()
         return {"stopped": "finished", "step": self.state.step, **result}
+
+    def _flush_counters(self) -> None:
+        """Bring the run counters up to date (at the log cadence and before every save, so a
+        checkpoint holds exact totals): tokens and skipped samples summed over ranks, skipped
+        optimizer steps (which also come off the LR schedule), wall time."""
+        skipped_steps = int(self.skipped_dev)
+        self.skipped_dev.zero_()
+        tokens, samples = all_reduce_host([self._pending_tokens, self._pending_skipped], self.group)
+        self._pending_tokens = self._pending_skipped = 0
+        self.state.tokens += int(tokens)
+        self.state.bad_samples += int(samples)
+        if skipped_steps:
+            self.state.skipped_steps += skipped_steps
+            self.scheduler.last_epoch -= skipped_steps
+        now = time.perf_counter()
+        self.state.elapsed_s += now - self._clock
+        self._clock = now
 
     def _record_samples(self, micro: list[Batch]) -> None:
         """One line per step: `step epoch id id ...` (filler batches, weight 0, left out); a step whose
@@ -222,8 +254,7 @@ class Trainer:
                                self.group)
         self.loss_sum.zero_()
         self.item_sum = 0.0
-        self.state.tokens += int(sums[2])
-        self.state.bad_samples += int(sums[4])
+        self._flush_counters()
         if bad_run >= self.cfg.train.max_bad_steps:
             raise NonFiniteError(self._diagnose_nonfinite(bad_run))
         values = {"loss": sums[0] / max(sums[1], 1.0), "lr": self.scheduler.get_last_lr()[0],
@@ -301,7 +332,7 @@ class Trainer:
         elif self.task == "lm":
             values["perplexity"] = math.exp(min(loss_v / n, 50.0))
         else:
-            values["mse"] = loss_v / n
+            values["mse"] = loss_v / n / max(1, unwrap(self.model).num_targets)
         if self.reporter:
             self.reporter.log("valid", self.state.step, values)
         return {f"valid_{k}": v for k, v in values.items()}
@@ -318,6 +349,7 @@ class Trainer:
     def save(self) -> None:
         if self.checkpoints is None or getattr(self, "_saved_step", None) == self.state.step:
             return  # e.g. the end of a run whose last step was also a cadence step
+        self._flush_counters()
         self.checkpoints.save(self.state.step, self.app_state())
         self._saved_step = self.state.step
 

@@ -82,3 +82,15 @@ def test_saved_config_never_contains_credentials(tmp_path):
     for secret in ("s3cret", "abc123", "AKIAXXXX", "hunter2", "alice"):
         assert secret not in text, secret
     assert "example.org/d/train-{0..3}.parquet" in text
+
+
+def test_nan_is_not_a_learning_rate():
+    with pytest.raises(ConfigError, match="optim.lr=nan must be > 0"):
+        load_config(None, ["--optim.lr", "nan"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_cuda_is_a_clear_error():
+    proc = subprocess.run([sys.executable, "-m", "distlstm.train", "--train.device", "cuda"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "CUDA is not available; use --train.device cpu" in proc.stderr

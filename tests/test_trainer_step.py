@@ -68,3 +68,35 @@ def test_persistent_nonfinite_stops_naming_the_module():
     from distlstm.trainer import _Interval
     with pytest.raises(NonFiniteError, match=r"3 consecutive .* first non-finite value: output of module 'embedding'"):
         trainer._log_interval(_Interval())
+
+
+def test_nonfinite_skip_does_not_advance_the_schedule_or_counters():
+    """fp32/bf16: a skipped (non-finite) step comes off the LR schedule at the next flush, and is counted."""
+    trainer = make_trainer("fp32")
+    batch = make_batches("classify", 1)[0]
+    saved = trainer.model.embedding.weight.detach().clone()
+    with torch.no_grad():
+        trainer.model.embedding.weight[batch.inputs[0, 0]] = float("nan")
+    trainer.train_step([batch])
+    with torch.no_grad():
+        trainer.model.embedding.weight.copy_(saved)
+    trainer.train_step([batch])
+    trainer._flush_counters()
+    assert trainer.state.skipped_steps == 1 and trainer.scheduler.last_epoch == 1
+
+
+def test_epoch_limited_run_spans_the_cosine_over_its_real_length(tmp_path):
+    """train.max_steps 0 + train.max_epochs N: the schedule length comes from the data plan."""
+    from distlstm.config import load_config
+    from distlstm.data.index import open_index
+    from distlstm.data.synthetic import ensure_synthetic
+    from distlstm.train import total_steps
+    root = ensure_synthetic(tmp_path, num_train=1000, num_valid=100)
+    index = open_index(str(root / "train"), cache_dir=tmp_path)
+    cfg = load_config(None, ["--train.max_steps", "0", "--train.max_epochs", "2", "--data.max_tokens", "1024",
+                             "--train.accum_steps", "2"])
+    one = total_steps(load_config(None, ["--train.max_steps", "0", "--train.max_epochs", "1",
+                                         "--data.max_tokens", "1024", "--train.accum_steps", "2"]), index,
+                      detect_world({}))
+    both = total_steps(cfg, index, detect_world({}))
+    assert 0 < one < both <= 2 * one + 1

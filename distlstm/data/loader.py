@@ -377,12 +377,16 @@ class BatchLoader:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
 
+def plan_params(data_cfg, *, shuffle: bool = True) -> PlanParams:
+    return PlanParams(max_tokens=data_cfg.max_tokens, min_batch_size=data_cfg.min_batch_size,
+                      max_batch_size=data_cfg.max_batch_size, max_length=data_cfg.max_length,
+                      too_long=data_cfg.too_long, window_chunks=data_cfg.window_chunks, shuffle=shuffle)
+
+
 def build_loader(index: DatasetIndex, data_cfg, *, task: str, dp_rank: int, dp_world_size: int,
                  vocab_size: int, num_classes: int, pin_memory: bool, run_dir: Path | None,
                  agree=None, shuffle: bool = True, max_epochs: int = 0, num_workers: int | None = None) -> BatchLoader:
-    params = PlanParams(max_tokens=data_cfg.max_tokens, min_batch_size=data_cfg.min_batch_size,
-                        max_batch_size=data_cfg.max_batch_size, max_length=data_cfg.max_length,
-                        too_long=data_cfg.too_long, window_chunks=data_cfg.window_chunks, shuffle=shuffle)
+    params = plan_params(data_cfg, shuffle=shuffle)
     quarantine = run_dir / "quarantine" / f"rank{dp_rank:05d}.jsonl" if run_dir else None
     return BatchLoader(index, params, task=task, seed=data_cfg.seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
                        num_workers=data_cfg.num_workers if num_workers is None else num_workers,
