@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,24 @@ def load_data(cfg: Config, log) -> tuple[DatasetIndex, DatasetIndex | None]:
     return train_index, valid_index
 
 
+INDEX_TIMEOUT_S = 3600
+
+
+def index_data(cfg: Config, world: World, group, log) -> tuple[DatasetIndex, DatasetIndex | None]:
+    """The leader indexes first (filling the shared cache), then the others (cache hits on a shared
+    cache folder). The waits are gloo barriers with a long timeout: indexing a large remote dataset
+    on a cold cache can take far longer than train.timeout_s, which bounds training collectives."""
+    if not world.is_distributed:
+        return load_data(cfg, log)
+    wait = lambda: dist.monitored_barrier(group=group, timeout=timedelta(seconds=INDEX_TIMEOUT_S))  # noqa: E731
+    result = load_data(cfg, log) if world.is_leader else None
+    wait()
+    if result is None:
+        result = load_data(cfg, log)
+    wait()
+    return result
+
+
 def model_dims(cfg: Config, index: DatasetIndex) -> dict:
     """vocab_size / input_size / num_classes from the config, else the dataset manifest."""
     m, meta = cfg.model, index.meta
@@ -192,7 +211,7 @@ def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:
     if world.is_leader:
         (run_dir / "config.toml").write_text(to_toml(cfg, redact=redact))
         log("config:\n" + to_toml(cfg, redact=redact))
-    train_index, valid_index = load_data(cfg, log)
+    train_index, valid_index = index_data(cfg, world, group, log)
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg, train_index))
     dims = model_dims(cfg, train_index)
 

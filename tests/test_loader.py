@@ -193,3 +193,21 @@ def test_tar_over_http_with_transient_failure(http_server, tmp_path):
     shard = f"tar/train/{manifest['shards'][1]['path']}"
     # Through a DataLoader worker process too: fsspec's HTTP session must survive the fork.
     _stream_matches_local(http_server, http_server.url("tar/train/"), str(folder), shard, tmp_path, workers=1)
+
+
+def test_moved_dataset_keeps_its_fingerprint_and_a_damaged_cache_is_rebuilt(tmp_path):
+    """Resume checks the data by shard names and lengths, not full paths: moving the shards (or a
+    new signed URL) still resumes. A truncated index cache entry is rebuilt, not fatal."""
+    import shutil
+
+    from distlstm.data.index import open_index
+    from distlstm.data.synthetic import ensure_synthetic
+    root = ensure_synthetic(tmp_path / "a", num_train=600, num_valid=50)
+    moved = tmp_path / "b" / "train"
+    shutil.copytree(root / "train", moved)
+    cache = tmp_path / "cache"
+    first = open_index(str(root / "train"), cache_dir=cache)
+    for entry in (cache / "index").glob("*.npz"):
+        entry.write_bytes(entry.read_bytes()[:20])
+    again = open_index(str(root / "train"), cache_dir=cache)
+    assert again.fingerprint() == first.fingerprint() == open_index(str(moved), cache_dir=cache).fingerprint()

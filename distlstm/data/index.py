@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +69,7 @@ class DatasetIndex:
     label_column: str | None = "label"
     storage_options: dict = field(default_factory=dict)
     retries: int = 3
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -76,11 +80,15 @@ class DatasetIndex:
         return len(self.chunk_shard)
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        h.update("\n".join(self.shards).encode())
-        h.update(self.chunk_offsets.tobytes())
-        h.update(self.lengths.tobytes())
-        return h.hexdigest()[:16]
+        """Identity of the data for resume checks: shard *names* (not full URLs, so moved data or
+        rotated signed URLs still resume), chunk layout and lengths. Computed once per index."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update("\n".join(s.split("?")[0].rstrip("/").rsplit("/", 1)[-1] for s in self.shards).encode())
+            h.update(self.chunk_offsets.tobytes())
+            h.update(self.lengths.tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def locate(self, sample_id: int) -> tuple[str, str]:
         """(shard, 'row N') of a global sample id, for messages."""
@@ -117,8 +125,11 @@ def _shard_layout(url: str, fmt: str, column: str, cache: Path | None, storage_o
     if cache is not None:
         path = cache / "index" / f"{_cache_key(url, column, storage_options)}.npz"
         if path.is_file():
-            with np.load(path) as z:
-                return z["rows"].tolist(), z["lengths"]
+            try:
+                with np.load(path) as z:
+                    return z["rows"].tolist(), z["lengths"]
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                path.unlink(missing_ok=True)  # a damaged cache entry: rebuild it
     if fmt == "parquet":
         from distlstm.data.formats import parquet_layout
         rows, lengths = parquet_layout(url, column, storage_options=storage_options, retries=retries)
@@ -128,7 +139,8 @@ def _shard_layout(url: str, fmt: str, column: str, cache: Path | None, storage_o
         rows = [len(lengths)]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        # Unique across hosts (a shared cache folder, containers with equal pids): host, pid, random.
+        tmp = path.with_suffix(f".{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
         np.savez(tmp, rows=np.asarray(rows, dtype=np.int64), lengths=lengths)
         os.replace(tmp, path)
     return rows, lengths

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import uuid
 import shutil
 from pathlib import Path
 
@@ -66,7 +68,7 @@ def ensure_synthetic(cache_dir: Path, *, num_train: int, num_valid: int = 2000, 
     root = Path(cache_dir) / f"synthetic-v{VERSION}-{num_train}-{num_valid}-{seed}"
     if (root / "valid" / "manifest.json").is_file():
         return root
-    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    tmp = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     shutil.rmtree(tmp, ignore_errors=True)
     seqs, labels = _samples(num_train + num_valid, seed)
     _write_split(tmp / "train", "train", seqs[:num_train], labels[:num_train], shard_rows=2048)
