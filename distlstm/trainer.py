@@ -114,11 +114,11 @@ class Trainer:
         (global_items,) = all_reduce_host([local_items], self.group)
         # DDP averages gradients over ranks; multiply by world size to undo that average.
         scale = self.world.world_size / max(global_items, 1.0)
-        for i, batch in enumerate(micro_batches):
-            batch = batch.to(self.device, non_blocking=True)
+        for i, host_batch in enumerate(micro_batches):
+            batch = host_batch.to(self.device, non_blocking=True)
             with no_sync(model, skip=i < len(micro_batches) - 1):
                 with amp.autocast():
-                    outputs = model(batch.inputs, batch.lengths)
+                    outputs = model(batch.inputs, batch.lengths, lengths_cpu=host_batch.lengths)
                 loss_sum, _, _ = loss_and_metrics(self.task, outputs, batch.targets, batch.lengths)
                 loss = loss_sum * (scale * batch.weight)
                 (amp.scaler.scale(loss) if amp.scaler else loss).backward()
@@ -317,7 +317,7 @@ class Trainer:
             batches += 1
             batch_dev = batch.to(self.device, non_blocking=True)
             with self.amp.autocast():
-                out = model(batch_dev.inputs, batch_dev.lengths)
+                out = model(batch_dev.inputs, batch_dev.lengths, lengths_cpu=batch.lengths)
             l, c, m = loss_and_metrics(self.task, out, batch_dev.targets, batch_dev.lengths)
             loss += l.double() * batch.weight
             count += c.double() * batch.weight

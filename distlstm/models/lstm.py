@@ -98,9 +98,11 @@ class SequenceModel(nn.Module):
             self.head.weight = self.embedding.weight
         _init_forget_gate_bias(self.lstm, hidden_size)
 
-    def forward(self, inputs: Tensor, lengths: Tensor) -> Tensor:
-        """classify `(B, C)`, regress `(B,)` or `(B, K)`, tag `(B, T, C)`, lm `(B, T, V)` logits."""
-        steps, _ = self.encode(inputs, lengths)
+    def forward(self, inputs: Tensor, lengths: Tensor, lengths_cpu: Tensor | None = None) -> Tensor:
+        """classify `(B, C)`, regress `(B,)` or `(B, K)`, tag `(B, T, C)`, lm `(B, T, V)` logits.
+        `lengths_cpu`: the same lengths on the host, if the caller has them (saves the packing path,
+        bidirectional models, a device->host copy and its sync)."""
+        steps, _ = self.encode(inputs, lengths, lengths_cpu=lengths_cpu)
         return self.apply_head(steps, lengths)
 
     def forward_with_state(
@@ -128,6 +130,7 @@ class SequenceModel(nn.Module):
         *,
         state: LstmState | None = None,
         pack: bool | None = None,
+        lengths_cpu: Tensor | None = None,
     ) -> tuple[Tensor, LstmState]:
         """Top-layer outputs `(B, T, D * directions)` (zero or junk beyond each length) and (h, c)."""
         x = self.embedding(inputs) if self.embedding is not None else inputs
@@ -139,8 +142,10 @@ class SequenceModel(nn.Module):
         if not pack:
             return self.lstm(x, state)
         total_length = x.shape[1]
-        # pack_padded_sequence needs lengths on the CPU: one device->host copy, packing only.
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        # pack_padded_sequence needs lengths on the CPU: the caller's host copy, else one
+        # device->host copy (a sync), packing only.
+        host = lengths_cpu if lengths_cpu is not None else lengths.cpu()
+        packed = pack_padded_sequence(x, host, batch_first=True, enforce_sorted=False)
         packed_out, final_state = self.lstm(packed, state)
         steps, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=total_length)
         return steps, final_state
