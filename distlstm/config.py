@@ -69,6 +69,8 @@ class DataConfig:
                         ("truncate", "drop", "error"))
     window_chunks: int = opt(16, "chunks (row groups or tar shards) shuffled and bucketed together; "
                                  "memory per worker grows with it")
+    streams: int = opt(1, "windows read at once, interleaved batch by batch; set it to ranks x workers "
+                          "(a multiple of it) so each worker decodes only its share of the data")
     num_workers: int = opt(1, "DataLoader worker processes per rank; 0 = load in the training process")
     prefetch_factor: int = opt(4, "batches each worker prepares ahead")
     seed: int = opt(1234, "seed of the shuffling plan (shard order, windows, batch order)")
@@ -82,6 +84,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choices("data", self)
         _positive("data", self, "max_tokens", "min_batch_size", "max_length", "window_chunks", "prefetch_factor",
+                  "streams",
                   "retries", "synthetic_samples")
         _positive("data", self, "max_batch_size", "num_workers", allow_zero=True)
         if self.max_batch_size and self.max_batch_size < self.min_batch_size:

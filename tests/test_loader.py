@@ -44,12 +44,12 @@ def _assert_same(got: list[dict], want: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers,streams", [(0, 1), (2, 1), (2, 2)])
 @pytest.mark.parametrize("where", ["mid-epoch", "across-epoch-boundary"])
-def test_resume_yields_identical_batches(parquet_dir, tmp_path, workers, where):
+def test_resume_yields_identical_batches(parquet_dir, tmp_path, workers, where, streams):
     cache = tmp_path / "cache"
-    kw = dict(workers=workers, max_epochs=3)
-    G = _epoch_batches(lw.make_loader(parquet_dir, cache))
+    kw = dict(workers=workers, max_epochs=3, streams=streams, window_chunks=2)
+    G = _epoch_batches(lw.make_loader(parquet_dir, cache, streams=streams, window_chunks=2))
     n, k = (7, 9) if where == "mid-epoch" else (G - 3, 8)
     reference = lw.take(lw.make_loader(parquet_dir, cache, **kw), n + k)
     first = lw.make_loader(parquet_dir, cache, **kw)

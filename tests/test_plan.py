@@ -45,9 +45,10 @@ def _real_ids(per_rank) -> np.ndarray:
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("too_long", ["truncate", "drop"])
-def test_every_sample_once_and_equal_steps(world, too_long):
+@pytest.mark.parametrize("streams", [1, 4])
+def test_every_sample_once_and_equal_steps(world, too_long, streams):
     offsets, lengths = _dataset()
-    params = _params(too_long=too_long)
+    params = _params(too_long=too_long, streams=streams)
     for epoch in (0, 1):
         plan = EpochPlan(offsets, lengths, params, seed=11, epoch=epoch)
         per_rank = _rank_lists(plan, world)
@@ -199,3 +200,24 @@ def test_invalid_params_named():
         PlanParams(max_tokens=10, too_long="cut")
     with pytest.raises(ValueError, match="positive"):
         PlanParams(max_tokens=0)
+
+
+@pytest.mark.parametrize("world,streams", [(4, 4), (2, 8), (4, 8)])
+def test_streams_keep_each_rank_to_its_share_of_the_chunks(world, streams):
+    """data.streams = a multiple of the world size: each rank decodes about 1/world of the chunks
+    (every rank touching every window, the default, reads the dataset `world` times)."""
+    offsets, lengths = _dataset(n_samples=40_000, rows_per_chunk=50)
+    plan = EpochPlan(offsets, lengths, _params(streams=streams, window_chunks=4), seed=3, epoch=0)
+    n_chunks = len(offsets) - 1
+    touched = []
+    for r in range(world):
+        chunks = set()
+        for i in range(plan.batches_per_rank(world)):
+            g = r + i * world
+            chunks.update(plan.window_chunks(g).tolist())
+        touched.append(len(chunks))
+    # The tail (streams of unequal length) may add a few windows beyond the rank's share.
+    assert max(touched) <= n_chunks / world + 3 * streams * 4, (touched, n_chunks)
+    default = EpochPlan(offsets, lengths, _params(window_chunks=4), seed=3, epoch=0)
+    assert len({c for i in range(default.batches_per_rank(world))
+                for c in default.window_chunks(i * world).tolist()}) > 0.9 * n_chunks

@@ -87,7 +87,8 @@ class _Assembler:
         # chunk id -> (decoded chunk, its bad samples)
         self.cache: OrderedDict[int, tuple[Chunk, dict[int, str]]] = OrderedDict()
         self.cache_chunks = cache_chunks
-        self._win: _Window | None = None
+        self._wins: OrderedDict[tuple, _Window] = OrderedDict()
+        self.max_windows = 1
 
     def chunk(self, c: int) -> tuple[Chunk, dict[int, str]]:
         if c in self.cache:
@@ -127,11 +128,15 @@ class _Assembler:
         """The decoded samples of one plan window joined into flat buffers, built once per window:
         a batch is then a handful of vectorised gathers, not a Python loop over its samples."""
         key = tuple(int(c) for c in chunks)
-        if self._win is None or self._win.key != key:
-            self._win = None  # free the previous window before decoding the next
-            self._win = _Window(key, [(c, *self.chunk(c)) for c in key], self.index.chunk_offsets,
-                                per_step=self.task == "tag", max_length=self.max_length)
-        return self._win
+        if key in self._wins:
+            self._wins.move_to_end(key)
+            return self._wins[key]
+        while len(self._wins) >= self.max_windows:
+            self._wins.popitem(last=False)  # free before decoding the next
+        win = _Window(key, [(c, *self.chunk(c)) for c in key], self.index.chunk_offsets,
+                      per_step=self.task == "tag", max_length=self.max_length)
+        self._wins[key] = win
+        return win
 
     def __call__(self, ids: np.ndarray, *, weight: float, epoch: int, consumed: int,
                  window: np.ndarray | None = None) -> Batch:
@@ -298,7 +303,9 @@ class BatchLoader:
         self.max_epochs, self.agree = max_epochs, agree
         self.assembler = _Assembler(index, task=task, max_length=params.max_length, vocab_size=vocab_size,
                                     num_classes=num_classes, on_bad_sample=on_bad_sample, quarantine=quarantine,
-                                    cache_chunks=params.window_chunks + 1)
+                                    cache_chunks=params.window_chunks)
+        # Windows a worker holds at once: one per stream it reads (streams / (ranks x workers)).
+        self.assembler.max_windows = max(1, -(-params.streams // (dp_world_size * max(num_workers, 1))))
         self.epoch, self.consumed = 0, 0
         if params.too_long == "error":
             self._refuse_too_long()
@@ -380,7 +387,8 @@ class BatchLoader:
 def plan_params(data_cfg, *, shuffle: bool = True) -> PlanParams:
     return PlanParams(max_tokens=data_cfg.max_tokens, min_batch_size=data_cfg.min_batch_size,
                       max_batch_size=data_cfg.max_batch_size, max_length=data_cfg.max_length,
-                      too_long=data_cfg.too_long, window_chunks=data_cfg.window_chunks, shuffle=shuffle)
+                      too_long=data_cfg.too_long, window_chunks=data_cfg.window_chunks, shuffle=shuffle,
+                      streams=data_cfg.streams)
 
 
 def build_loader(index: DatasetIndex, data_cfg, *, task: str, dp_rank: int, dp_world_size: int,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -45,11 +46,12 @@ class PlanParams:
     too_long: str = "truncate"
     window_chunks: int = 16
     shuffle: bool = True
+    streams: int = 1
 
     def __post_init__(self) -> None:
         if self.too_long not in ("truncate", "drop", "error"):
             raise ValueError(f"too_long={self.too_long!r}; choose truncate, drop or error")
-        if min(self.max_tokens, self.min_batch_size, self.max_length, self.window_chunks) < 1:
+        if min(self.max_tokens, self.min_batch_size, self.max_length, self.window_chunks, self.streams) < 1:
             raise ValueError(f"plan parameters must be positive: {self}")
 
     def fingerprint(self) -> str:
@@ -101,7 +103,31 @@ class EpochPlan:
         self._windows = [order[i:i + params.window_chunks] for i in range(0, n_chunks, params.window_chunks)]
         counts = np.array([self._count_batches(w) for w in range(len(self._windows))], dtype=np.int64)
         self._window_start = np.concatenate([[0], np.cumsum(counts)])
-        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._g_window = self._g_local = None
+        if params.streams > 1:
+            self._interleave(counts)
+
+    def _interleave(self, counts: np.ndarray) -> None:
+        """Streams: window w belongs to stream w % K; global batches take one batch from each stream
+        in turn. With K a multiple of ranks x workers, batch g comes from stream g % K for all but the
+        last rounds, so each worker only ever decodes its own streams' windows (1/(N W) of the data)."""
+        K, nw = self.params.streams, len(counts)
+        wid = np.repeat(np.arange(nw), counts)
+        local = np.arange(len(wid)) - np.repeat(self._window_start[:-1], counts)
+        before = np.zeros(nw, np.int64)  # batches of earlier windows of the same stream
+        for s in range(min(K, nw)):
+            idx = np.arange(s, nw, K)
+            before[idx] = np.cumsum(counts[idx]) - counts[idx]
+        order = np.lexsort((wid % K, before[wid] + local))
+        self._g_window, self._g_local = wid[order], local[order]
+
+    def _locate(self, g: int) -> tuple[int, int]:
+        """(window, batch within the window) of global batch g."""
+        if self._g_window is not None:
+            return int(self._g_window[g]), int(self._g_local[g])
+        w = int(np.searchsorted(self._window_start, g, side="right") - 1)
+        return w, g - int(self._window_start[w])
 
     @property
     def num_batches(self) -> int:
@@ -127,8 +153,8 @@ class EpochPlan:
 
     def window_batches(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(batch_offsets, sample_ids) of window `w`; batch b is sample_ids[offsets[b]:offsets[b+1]]."""
-        if self._cache is not None and self._cache[0] == w:
-            return self._cache[1], self._cache[2]
+        if w in self._cache:
+            return self._cache[w]
         ids, lens = self._window_samples(w)
         rng = _rng(self.seed, self.epoch, 1, w)
         if self.params.shuffle:  # random order, then a stable sort by length: random tie-break
@@ -147,22 +173,22 @@ class EpochPlan:
         perm = rng.permutation(len(starts)) if self.params.shuffle else np.arange(len(starts))
         sample_ids = ids[_segments(starts[perm], sizes[perm])]
         offsets = np.concatenate([[0], np.cumsum(sizes[perm])]).astype(np.int64)
-        self._cache = (w, offsets, sample_ids)
+        self._cache[w] = (offsets, sample_ids)
+        while len(self._cache) > self.params.streams:  # one window per stream in use
+            self._cache.popitem(last=False)
         return offsets, sample_ids
 
     def batch(self, g: int) -> np.ndarray:
         """Sample ids of global batch `g`."""
         if not 0 <= g < self.num_batches:
             raise IndexError(f"global batch {g} outside epoch of {self.num_batches}")
-        w = int(np.searchsorted(self._window_start, g, side="right") - 1)
+        w, b = self._locate(g)
         offsets, ids = self.window_batches(w)
-        b = g - int(self._window_start[w])
         return ids[offsets[b]:offsets[b + 1]]
 
     def window_chunks(self, g: int) -> np.ndarray:
         """Chunk ids of the window holding global batch `g` (a filler's is the last window)."""
-        g = min(g, self.num_batches - 1)
-        return self._windows[int(np.searchsorted(self._window_start, g, side="right") - 1)]
+        return self._windows[self._locate(min(g, self.num_batches - 1))[0]]
 
     def batches_per_rank(self, dp_world_size: int, start: int = 0) -> int:
         return max(0, -(-(self.num_batches - start) // dp_world_size))
