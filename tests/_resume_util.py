@@ -12,6 +12,8 @@ uninterrupted run's (the LR schedule and the data plan depend on it):
     DISTLSTM_TEST_FAULT='{"action": "kill", "step": 7, "rank": 1, "restart": 0}'
         SIGKILL this process in the middle of step 7 (after backward, before the optimizer step);
         "restart" limits it to torchrun's first attempt (TORCHELASTIC_RESTART_COUNT)
+    DISTLSTM_TEST_FAULT='{"action": "raise", "step": 7, "rank": 1, "restart": 0}'
+        raise an exception in step 7 (a crashing worker, as opposed to a killed one)
     DISTLSTM_TEST_FAULT='{"action": "kill", "after_steps": 2}'
         SIGKILL in the middle of the 2nd optimizer step this process runs (whatever step it resumed at)
     DISTLSTM_TEST_FAULT='{"action": "kill", "after_s": 0.3}'
@@ -76,6 +78,8 @@ def install(fault: dict) -> None:
             if self.state.step + 1 == fault.get("step") or ran["n"] == fault.get("after_steps"):
                 if fault["action"] == "kill":
                     _die()
+                if fault["action"] == "raise":
+                    raise RuntimeError(f"injected failure at step {self.state.step + 1}")
                 os.kill(os.getpid(), getattr(signal, fault.get("sig", "SIGUSR1")))
 
         trainer.Trainer.forward_backward = forward_backward

@@ -341,13 +341,16 @@ def test_rank_death_fails_the_job_fast_and_names_the_rank(workdir):
     assert not (run_dir / "final.json").exists()
 
 
-def test_rank_death_with_a_torchrun_restart_resumes_bit_exact(clean_two, workdir):
-    run_dir = workdir / "runs" / "rank-death-restart"
+@pytest.mark.parametrize("action", ["kill", "raise"])
+def test_rank_death_with_a_torchrun_restart_resumes_bit_exact(clean_two, workdir, action):
+    """A worker SIGKILLed, or one that raises, at step 44: torchrun restarts the group, which resumes
+    from the step-40 checkpoint and ends with the clean run's parameters."""
+    run_dir = workdir / "runs" / f"rank-death-restart-{action}"
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: by default the restarted workers share the agent's TCPStore
     # with the dead ones, whose gloo addresses are still in it under the same keys; a new rank can read
     # a stale one and fail in connectFullMesh ("Connection refused"), about half the time on torch 2.13
     # (pytorch/pytorch#135712). distlstm/world.py could instead prefix the store by restart count.
-    run = launch(run_dir, TWO, nproc=2, fault=RANK1_DIES, torchrun_args=("--max-restarts=1",),
+    run = launch(run_dir, TWO, nproc=2, fault={**RANK1_DIES, "action": action}, torchrun_args=("--max-restarts=1",),
                  env_extra={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, timeout=240)
     assert run.rc == 0, run.out[-5000:]
     assert resumed_step(run) == 40 and "saved by 2 ranks, now 2" in run.out, run.out[-3000:]
