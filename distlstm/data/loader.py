@@ -11,7 +11,6 @@ pulls from workers round-robin, so batches arrive in plan order whatever `W` is.
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -157,7 +156,7 @@ class _Assembler:
         if len(pos) == 0:  # every sample was bad: a zero-weight stand-in keeps the step count equal on all ranks
             return self._empty(epoch=epoch, consumed=consumed, skipped=skipped)
         lens = np.minimum(win.lens[pos], self.max_length)
-        B, T = len(pos), int(lens.max())
+        T = int(lens.max())
         mask = np.arange(T) < lens[:, None]
         # One row copy per sample from the window's sliding view (no per-token index array); rows
         # run past a sample's end into its neighbours, and the mask zeroes those steps.
