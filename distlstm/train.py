@@ -285,7 +285,7 @@ def resume(cfg: Config, trainer: Trainer, checkpoints, log) -> None:
 
 def finish(trainer: Trainer, run_dir: Path, result: dict, world: World, log) -> None:
     """Final metrics and the trained weights (plain tensors, loadable with weights_only=True)."""
-    from distlstm.checkpoint import tree_hash
+    from distlstm.train_state import tree_hash
     model = unwrap(trainer.model)
     summary = {**result, "param_hash": tree_hash(model), "tokens": trainer.state.tokens,
                "elapsed_s": round(trainer.state.elapsed_s, 2)}

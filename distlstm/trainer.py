@@ -339,7 +339,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def app_state(self) -> dict:
-        from distlstm.checkpoint import rng_state
+        from distlstm.train_state import rng_state
         extra = {"train": self.state.__dict__, "scheduler": self.scheduler.state_dict(),
                  "loader": self.train_loader.state_dict(),
                  "scaler": self.amp.scaler.state_dict() if self.amp.scaler else None}
@@ -355,7 +355,7 @@ class Trainer:
 
     def restore(self, loaded: dict) -> None:
         """Apply what CheckpointManager.load_* returned (model and optimizer were loaded in place)."""
-        from distlstm.checkpoint import set_rng_state
+        from distlstm.train_state import set_rng_state
         extra = loaded["extra"]
         self.state = TrainState(**extra["train"])
         # This step is already checkpointed. Saving it again (at_end, when the run was killed after
