@@ -322,7 +322,7 @@ class Trainer:
             loss += l.double() * batch.weight
             count += c.double() * batch.weight
             extra += (m.get("correct", m.get("sq_err", torch.zeros((), device=self.device)))).double() * batch.weight
-        self.valid_loader.epoch, self.valid_loader.consumed = 0, 0
+        self.valid_loader.rewind()
         model.train()
         loss_v, count_v, extra_v = all_reduce_host([float(loss), float(count), float(extra)], self.group)
         n = max(count_v, 1.0)

@@ -10,6 +10,7 @@ pulls from workers round-robin, so batches arrive in plan order whatever `W` is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -76,23 +77,18 @@ def find_bad_samples(chunk: Chunk, *, task: str, vocab_size: int, num_classes: i
 
 
 class _Assembler:
-    """Turns sample ids into a padded Batch, keeping the current window's chunks decoded."""
+    """Turns sample ids into a padded Batch from the joined buffers of the windows in use."""
 
     def __init__(self, index: DatasetIndex, *, task: str, max_length: int, vocab_size: int, num_classes: int,
-                 on_bad_sample: str, quarantine: Path | None, cache_chunks: int):
+                 on_bad_sample: str, quarantine: Path | None):
         self.index, self.task, self.max_length = index, task, max_length
         self.vocab_size, self.num_classes = vocab_size, num_classes
         self.on_bad_sample, self.quarantine = on_bad_sample, quarantine
-        # chunk id -> (decoded chunk, its bad samples)
-        self.cache: OrderedDict[int, tuple[Chunk, dict[int, str]]] = OrderedDict()
-        self.cache_chunks = cache_chunks
         self._wins: OrderedDict[tuple, _Window] = OrderedDict()
         self.max_windows = 1
 
     def chunk(self, c: int) -> tuple[Chunk, dict[int, str]]:
-        if c in self.cache:
-            self.cache.move_to_end(c)
-            return self.cache[c]
+        """Decode chunk `c` and find its bad samples (once per window: the window keeps the data)."""
         rows = int(self.index.chunk_offsets[c + 1] - self.index.chunk_offsets[c])
         try:
             chunk = self.index.read_chunk(c, task=self.task)
@@ -107,10 +103,7 @@ class _Assembler:
                 raise
             empty = Chunk(values=np.zeros((0,), np.int64), offsets=np.zeros(rows + 1, np.int64), labels=None)
             chunk, bad = empty, {i: str(exc) for i in range(rows)}
-        self.cache[c] = (chunk, bad)
-        while len(self.cache) > self.cache_chunks:
-            self.cache.popitem(last=False)
-        return self.cache[c]
+        return chunk, bad
 
     def _report(self, sample_id: int, chunk: Chunk, local: int, problem: str, epoch: int) -> None:
         shard, row = self.index.locate(sample_id)
@@ -183,11 +176,10 @@ class _Assembler:
         """A one-sample, zero-weight batch of the right types (every sample of a batch was bad)."""
         width = int(self.index.meta.get("input_size") or 0)
         targets = int(self.index.meta.get("num_targets") or 1)
-        for c in list(self.cache):
-            vals, labels = self.cache[c][0].values, self.cache[c][0].labels
-            width = vals.shape[1] if vals.ndim == 2 and vals.shape[1] else width
-            if self.task == "regress" and labels is not None and labels.ndim == 2:
-                targets = labels.shape[1]
+        for win in self._wins.values():
+            width = win.values.shape[1] if win.values.ndim == 2 and win.values.shape[1] else width
+            if self.task == "regress" and win.labels is not None and win.labels.ndim == 2:
+                targets = win.labels.shape[1]
         x = torch.zeros((1, 2, width) if width else (1, 2), dtype=torch.float32 if width else torch.int64)
         y = {"tag": torch.full((1, 2), -100), "lm": torch.full((1, 2), -100),
              "regress": torch.zeros((1, targets) if targets > 1 else (1,))}.get(self.task, torch.zeros(1, dtype=torch.int64))
@@ -301,8 +293,7 @@ class BatchLoader:
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_epochs, self.agree = max_epochs, agree
         self.assembler = _Assembler(index, task=task, max_length=params.max_length, vocab_size=vocab_size,
-                                    num_classes=num_classes, on_bad_sample=on_bad_sample, quarantine=quarantine,
-                                    cache_chunks=params.window_chunks)
+                                    num_classes=num_classes, on_bad_sample=on_bad_sample, quarantine=quarantine)
         # Windows a worker holds at once: one per stream it reads (streams / (ranks x workers)).
         self.assembler.max_windows = max(1, -(-params.streams // (dp_world_size * max(num_workers, 1))))
         self.epoch, self.consumed = 0, 0
@@ -320,7 +311,7 @@ class BatchLoader:
     def plan_hash(self, epoch: int) -> int:
         """What every rank must agree on before an epoch starts."""
         key = f"{self.params.fingerprint()}|{self.index.fingerprint()}|{self.seed}|{epoch}|{self.dp_world_size}"
-        return int.from_bytes(__import__("hashlib").sha256(key.encode()).digest()[:6], "little")  # 48 bits: exact in float64
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:6], "little")  # 48 bits: exact in float64
 
     def __iter__(self) -> Iterator[Batch]:
         stream = _Stream(self.index, self.params, self.assembler, seed=self.seed, dp_rank=self.dp_rank,
@@ -363,6 +354,10 @@ class BatchLoader:
                                        epoch=epoch).num_batches}
             self._counts = cached
         return cached[epoch]
+
+    def rewind(self) -> None:
+        """Back to the start of epoch 0 (the validation loader, before each evaluation)."""
+        self.epoch, self.consumed = 0, 0
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
