@@ -151,8 +151,12 @@ class CheckpointManager:
     """Save and load the train state under ``run_dir``; call every method on every rank.
 
     ``state`` (save and load) is ``{"model": nn.Module (DDP-wrapped or not), "optim": Optimizer |
-    None, "extra": JSON-able dict (same on every rank), "rank_state": per-rank dict of JSON values
-    and tensors}``. With a process group the constructor creates a gloo group for checkpoint
+    None, "extra": dict of components shared by all ranks, "rank_state": this rank's component}``.
+    A component is either a checkpointable object (``state_dict()`` / ``load_state_dict()``: the
+    manager saves it and, on load, restores it in place) or a plain value (saved as it is and handed
+    back in the dict ``load`` returns). ``extra`` components hold JSON values; ``rank_state`` may also
+    hold tensors. On load, ``rank_state`` is restored only when the world size is unchanged (a rank's
+    RNG state means nothing to another layout); the returned ``rank_state_restored`` says whether it was. With a process group the constructor creates a gloo group for checkpoint
     traffic (a collective: construct it on all ranks, in the same order as other groups).
     """
 
@@ -259,10 +263,10 @@ class CheckpointManager:
     def _write_small_files(self, tmp: Path, state: dict, rest: dict) -> list[str]:
         # Encode on every rank (not only the writer) so a non-JSON value fails on all ranks alike.
         docs = {"state.json": _encode(rest, "optimizer/model state"),
-                "extra.json": _encode(state.get("extra") or {}, "state['extra']")}
+                "extra.json": _encode(_state_values(state.get("extra")), "state['extra']")}
         name = f"rank-{self.rank:05d}"
         tensors: dict[str, torch.Tensor] = {}
-        docs[f"{name}.json"] = _encode(state.get("rank_state") or {}, "state['rank_state']", tensors)
+        docs[f"{name}.json"] = _encode(_state_values(state.get("rank_state")), "state['rank_state']", tensors)
         if self.rank != 0:
             del docs["state.json"], docs["extra.json"]
         for file, doc in docs.items():
@@ -441,11 +445,28 @@ class CheckpointManager:
             name = f"rank-{self.rank:05d}"
             refs = torch.load(path / f"{name}.pt", weights_only=True, map_location="cpu")
             rank_state = _decode(json.loads((path / f"{name}.json").read_text()), refs)
+        extra = _decode(json.loads((path / "extra.json").read_text()))
+        self._restore_components(path, state.get("extra"), extra)
+        restored = False
+        if _is_stateful(state.get("rank_state")) and rank_state is not None and manifest["world_size"] == self.world_size:
+            state["rank_state"].load_state_dict(rank_state)
+            restored = True
         if self.rank == 0:
             self._log(f"checkpoint: loaded {path} (step {manifest['step']}, saved by {manifest['world_size']} "
                       f"rank(s), loading on {self.world_size})")
-        return {"step": manifest["step"], "extra": _decode(json.loads((path / "extra.json").read_text())),
-                "rank_state": rank_state, "world_size": manifest["world_size"], "path": path}
+        return {"step": manifest["step"], "extra": extra, "rank_state": rank_state,
+                "rank_state_restored": restored, "world_size": manifest["world_size"], "path": path}
+
+    def _restore_components(self, path: Path, components: dict | None, saved: Any) -> None:
+        """`load_state_dict` on every checkpointable component of ``state['extra']``, in order."""
+        for key, component in (components or {}).items():
+            if not _is_stateful(component):
+                continue
+            if not isinstance(saved, dict) or key not in saved or saved[key] is None:
+                if self.rank == 0:
+                    self._log(f"checkpoint: {path} has no state for '{key}'; it starts fresh")
+                continue
+            component.load_state_dict(saved[key])
 
     def close(self) -> None:
         """Commit any in-flight async save and stop the writer thread (call on every rank)."""
@@ -467,6 +488,22 @@ class CheckpointManager:
             # An in-flight save stays a '.tmp' directory that the next run's first save removes.
             self._executor.shutdown(wait=False)
             self._executor = None
+
+
+def _is_stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def _state_values(obj: Any) -> Any:
+    """What goes into the file for ``state['extra']`` / ``state['rank_state']``: each checkpointable
+    component's ``state_dict()``, other values as they are (nothing at all: an empty dict)."""
+    if obj is None:
+        return {}
+    if _is_stateful(obj):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        return {k: v.state_dict() if _is_stateful(v) else v for k, v in obj.items()}
+    return obj
 
 
 def _check_shapes(path: Path, target: dict, metadata: Any) -> None:

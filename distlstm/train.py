@@ -7,27 +7,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import random
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from distlstm.build import build_run, total_steps  # noqa: F401 (total_steps: public here too)
 from distlstm.config import Config, ConfigError, help_text, load_config, to_toml
-from distlstm.data.index import DatasetIndex, default_cache_dir, open_index
-from distlstm.data.loader import build_loader
 from distlstm.data.sources import redact
 from distlstm.metrics import Reporter
-from distlstm.models.lstm import build_model, num_parameters
-from distlstm.parallel import AmpPolicy, all_reduce_host, apply_ddp, control_group, unwrap
-from distlstm.trainer import Trainer, build_optimizer
+from distlstm.parallel import control_group, unwrap
+from distlstm.trainer import Trainer
 from distlstm.world import (World, default_backend, default_device, describe, destroy_process_group, detect_world,
                             init_process_group)
 
@@ -63,12 +57,6 @@ def parse_args(argv: list[str]) -> Config:
     return load_config(path, rest)
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _debug_mode(cfg: Config) -> None:
     if cfg.train.debug:
         os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")
@@ -86,86 +74,6 @@ def resolve_run_dir(cfg: Config, world: World, group) -> Path:
     run_dir = Path(name)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def load_data(cfg: Config, log) -> tuple[DatasetIndex, DatasetIndex | None]:
-    """Index the train and valid splits; the embedded synthetic dataset when data.train is empty."""
-    d = cfg.data
-    cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
-    train, valid = d.train, d.valid
-    if not train:
-        from distlstm.data.synthetic import ensure_synthetic
-        root = ensure_synthetic(cache, num_train=d.synthetic_samples)
-        log(f"data: embedded synthetic dataset in {root}")
-        train, valid = str(root / "train"), valid or str(root / "valid")
-    kw = dict(fmt=d.format, sequence_column=d.sequence_column, label_column=d.label_column, cache_dir=cache,
-              storage_options=d.storage_options, retries=d.retries)
-    train_index = open_index(train, **kw)
-    valid_index = open_index(valid, **kw) if valid else None
-    log(f"data: train {redact(train)}: {train_index.num_samples} samples, {len(train_index.shards)} shards, "
-        f"{int(train_index.lengths.astype(np.int64).sum())} tokens"
-        + (f"; valid {valid_index.num_samples} samples" if valid_index else ""))
-    return train_index, valid_index
-
-
-INDEX_TIMEOUT_S = 3600
-
-
-def index_data(cfg: Config, world: World, group, log) -> tuple[DatasetIndex, DatasetIndex | None]:
-    """The leader indexes first (filling the shared cache), then the others (cache hits on a shared
-    cache folder). The waits are gloo barriers with a long timeout: indexing a large remote dataset
-    on a cold cache can take far longer than train.timeout_s, which bounds training collectives."""
-    if not world.is_distributed:
-        return load_data(cfg, log)
-    wait = lambda: dist.monitored_barrier(group=group, timeout=timedelta(seconds=INDEX_TIMEOUT_S))  # noqa: E731
-    result = load_data(cfg, log) if world.is_leader else None
-    wait()
-    if result is None:
-        result = load_data(cfg, log)
-    wait()
-    return result
-
-
-def model_dims(cfg: Config, index: DatasetIndex) -> dict:
-    """vocab_size / input_size / num_classes from the config, else the dataset manifest."""
-    m, meta = cfg.model, index.meta
-    dims = {"vocab_size": m.vocab_size or meta.get("vocab_size") or 0,
-            "input_size": m.input_size or meta.get("input_size") or 0,
-            "num_classes": m.num_classes or meta.get("num_classes") or 0}
-    if m.input == "features" and not dims["input_size"]:
-        raise ConfigError("model.input_size is unknown: the dataset has no manifest with input_size; set it")
-    needs_vocab = m.input != "features" and not dims["input_size"] or m.task == "lm"
-    if needs_vocab and not dims["vocab_size"]:
-        raise ConfigError("model.vocab_size is unknown: the dataset has no manifest with vocab_size; "
-                          "set --model.vocab_size (largest token id + 1)")
-    if m.task in ("classify", "tag") and not dims["num_classes"]:
-        raise ConfigError("model.num_classes is unknown: the dataset has no manifest with num_classes; set it")
-    return dims
-
-
-def resolve_model_config(cfg: Config, index: DatasetIndex):
-    """model.input=auto -> features when the dataset has feature vectors, else tokens."""
-    m = cfg.model
-    if m.input != "auto":
-        return m
-    features = bool(index.meta.get("input_size")) or index.sequence_column == "features"
-    return dataclasses.replace(m, input="features" if features else "tokens")
-
-
-def total_steps(cfg: Config, index: DatasetIndex, world: World) -> int:
-    """Optimizer steps the run will take (what the cosine schedule spans): train.max_steps, or, for
-    an epoch-limited run, the steps the data plan gives each rank over train.max_epochs."""
-    from distlstm.data.loader import plan_params
-    from distlstm.data.plan import EpochPlan
-    epoch_steps = 0
-    if cfg.train.max_epochs:
-        params = plan_params(cfg.data)
-        for epoch in range(cfg.train.max_epochs):
-            plan = EpochPlan(index.chunk_offsets, index.lengths, params, seed=cfg.data.seed, epoch=epoch)
-            epoch_steps += -(-plan.batches_per_rank(world.world_size) // cfg.train.accum_steps)
-    if cfg.train.max_steps and epoch_steps:
-        return min(cfg.train.max_steps, epoch_steps)
-    return cfg.train.max_steps or epoch_steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,33 +116,12 @@ def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:
         log(f"run directory {run_dir} is new: to resume this run after a stop, start it again with "
             f"--train.run_dir {run_dir}")
     log(describe(world) + f", device {device}, backend {backend if world.is_distributed else '-'}")
+    built = build_run(cfg, world, device, group=group, log=log, run_dir=run_dir)
+    cfg = built.cfg
     if world.is_leader:
+        # Resolved (model.input and the data-derived sizes filled in): it rebuilds this model.
         (run_dir / "config.toml").write_text(to_toml(cfg, redact=redact))
         log("config:\n" + to_toml(cfg, redact=redact))
-    train_index, valid_index = index_data(cfg, world, group, log)
-    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg, train_index))
-    dims = model_dims(cfg, train_index)
-
-    _seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, **dims).to(device)
-    log(f"model: {cfg.model.task}, {num_parameters(model):,} parameters")
-    # Each rank gets its own dropout stream; DDP broadcasts rank 0's initial weights.
-    torch.manual_seed(cfg.train.seed + 1000 * world.rank)
-    ddp_model = apply_ddp(model, world, device)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps(cfg, train_index, world), device)
-    amp = AmpPolicy(cfg.train.precision, device)
-
-    def agree(value: int) -> bool:
-        lo, hi = all_reduce_host([float(-value), float(value)], group, op=dist.ReduceOp.MAX)
-        return -lo == hi == value
-
-    loader_kw = dict(task=cfg.model.task, dp_rank=world.rank, dp_world_size=world.world_size,
-                     vocab_size=dims["vocab_size"], num_classes=dims["num_classes"],
-                     pin_memory=device.type == "cuda", run_dir=run_dir)
-    train_loader = build_loader(train_index, cfg.data, agree=agree if world.is_distributed else None,
-                                max_epochs=cfg.train.max_epochs, **loader_kw)
-    valid_loader = build_loader(valid_index, cfg.data, shuffle=False, max_epochs=1, num_workers=0,
-                                **loader_kw) if valid_index else None
 
     from distlstm.checkpoint import CheckpointManager
     from distlstm.preempt import PreemptionHandler
@@ -242,9 +129,10 @@ def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:
                                     keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
                                     async_save=cfg.checkpoint.async_save, log=log)
     preempt = PreemptionHandler().install()
-    trainer = Trainer(cfg, world, model=ddp_model, optimizer=optimizer, scheduler=scheduler, amp=amp, device=device,
-                      train_loader=train_loader, valid_loader=valid_loader, control_group=group,
-                      checkpoints=checkpoints, preempt=preempt, run_dir=run_dir, log=log)
+    trainer = Trainer(cfg, world, model=built.ddp_model, optimizer=built.optimizer, scheduler=built.scheduler,
+                      amp=built.amp, device=device, train_loader=built.train_loader,
+                      valid_loader=built.valid_loader, control_group=group, checkpoints=checkpoints,
+                      preempt=preempt, run_dir=run_dir, log=log)
     resume(cfg, trainer, checkpoints, log)
     total = cfg.train.max_steps or None
     trainer.reporter = Reporter(run_dir, enabled=world.is_leader, total_steps=total, progress=cfg.log.progress,
@@ -270,14 +158,14 @@ def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:
 def resume(cfg: Config, trainer: Trainer, checkpoints, log) -> None:
     if cfg.checkpoint.resume == "never":
         return
-    state = trainer.app_state()
+    state = trainer.checkpoint_state()
     if cfg.checkpoint.resume == "auto":
         loaded = checkpoints.load_latest(state)
     else:
         loaded = checkpoints.load(Path(cfg.checkpoint.resume), state)
     if loaded is None:
         return
-    trainer.restore(loaded)
+    trainer.resumed(loaded)
     log(f"resumed from {loaded['path']} at step {trainer.state.step} "
         f"(saved by {loaded['world_size']} ranks, now {trainer.world.world_size}); "
         f"data position epoch {trainer.train_loader.epoch}, batch {trainer.train_loader.consumed}")

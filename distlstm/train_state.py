@@ -158,6 +158,16 @@ def set_rng_state(d: dict) -> None:
         torch.cuda.set_rng_state(d["cuda"])
 
 
+class RngState:
+    """This process's random generators as a checkpoint component (``state_dict`` / ``load_state_dict``)."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+
 def tree_hash(model: torch.nn.Module, optim: torch.optim.Optimizer | None = None) -> str:
     """sha256 of every parameter and buffer (names without DDP's ``module.``), plus optimizer state
     and hyperparameters if ``optim`` is given. Has no side effects (unlike get_optimizer_state_dict,

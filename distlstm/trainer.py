@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -15,18 +15,10 @@ from torch import nn
 
 from distlstm.config import Config
 from distlstm.data.batch import Batch
-from distlstm.models.lstm import flops_per_token, loss_and_metrics
+from distlstm.models.lstm import flops_per_token
 from distlstm.parallel import AmpPolicy, all_reduce_host, no_sync, unwrap
+from distlstm.tasks import Task
 from distlstm.world import World
-
-
-def item_count(batch: Batch, task: str) -> int:
-    """What the loss is averaged over: real tokens with a target (tag, lm) or samples. Host-side."""
-    if batch.weight == 0:
-        return 0
-    if task in ("tag", "lm"):
-        return int((batch.targets != -100).sum())
-    return int(batch.lengths.shape[0])
 
 
 def lr_lambda(optim_cfg, max_steps: int):
@@ -65,6 +57,14 @@ class TrainState:
     elapsed_s: float = 0.0
     best: dict = field(default_factory=dict)
 
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in dataclasses.fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
+
 
 class NonFiniteError(RuntimeError):
     pass
@@ -81,7 +81,7 @@ class Trainer:
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.reporter, self.checkpoints, self.preempt = reporter, checkpoints, preempt
         self.run_dir, self.log = run_dir, log
-        self.task = unwrap(model).task
+        self.task: Task = unwrap(model).spec
         self.state = TrainState()
         self.params = [p for p in model.parameters() if p.requires_grad]
         # Consecutive non-finite steps, kept on the device and read only at the log cadence.
@@ -110,7 +110,7 @@ class Trainer:
         # The loss is a sum over real items divided by the item count of the whole step: all
         # micro-batches on all ranks. Dividing per micro-batch (or per rank) would weight short
         # batches more and make accumulation or world size change the gradient.
-        local_items = float(sum(item_count(b, self.task) for b in micro_batches))
+        local_items = float(sum(self.task.item_count(b) for b in micro_batches))
         (global_items,) = all_reduce_host([local_items], self.group)
         # DDP averages gradients over ranks; multiply by world size to undo that average.
         scale = self.world.world_size / max(global_items, 1.0)
@@ -119,7 +119,7 @@ class Trainer:
             with no_sync(model, skip=i < len(micro_batches) - 1):
                 with amp.autocast():
                     outputs = model(batch.inputs, batch.lengths, lengths_cpu=host_batch.lengths)
-                loss_sum, _, _ = loss_and_metrics(self.task, outputs, batch.targets, batch.lengths)
+                loss_sum, _, _ = self.task.loss_and_metrics(outputs, batch.targets, batch.lengths)
                 loss = loss_sum * (scale * batch.weight)
                 (amp.scaler.scale(loss) if amp.scaler else loss).backward()
             self.loss_sum += loss_sum.detach().double() * batch.weight
@@ -172,7 +172,7 @@ class Trainer:
             if not micro:
                 break  # max_epochs reached (every rank has the same batch count, so all stop here)
             for b in micro:
-                interval.add(b, self.task)
+                interval.add(b)
                 self._pending_tokens += b.num_tokens if b.weight else 0
                 self._pending_skipped += b.num_skipped
             self.train_step(micro)
@@ -287,7 +287,7 @@ class Trainer:
             batch = self.last_micro[-1].to(self.device)
             with self.amp.autocast():
                 out = model(batch.inputs, batch.lengths)
-            loss_sum, _, _ = loss_and_metrics(self.task, out, batch.targets, batch.lengths)
+            loss_sum, _, _ = self.task.loss_and_metrics(out, batch.targets, batch.lengths)
             if not found and not torch.isfinite(loss_sum):
                 found.append("the loss")
             loss_sum.backward()
@@ -301,74 +301,38 @@ class Trainer:
                 f"optim.grad_clip, or train.precision bf16/fp32, and check the data for extreme values")
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> dict:
         if self.valid_loader is None:
             return {}
-        model = unwrap(self.model)
-        model.eval()
-        loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = torch.zeros((), device=self.device, dtype=torch.float64)
-        extra = torch.zeros((), device=self.device, dtype=torch.float64)
-        batches = 0
-        for batch in self.valid_loader:
-            if self.cfg.train.eval_max_batches and batches >= self.cfg.train.eval_max_batches:
-                break
-            batches += 1
-            batch_dev = batch.to(self.device, non_blocking=True)
-            with self.amp.autocast():
-                out = model(batch_dev.inputs, batch_dev.lengths, lengths_cpu=batch.lengths)
-            l, c, m = loss_and_metrics(self.task, out, batch_dev.targets, batch_dev.lengths)
-            loss += l.double() * batch.weight
-            count += c.double() * batch.weight
-            extra += (m.get("correct", m.get("sq_err", torch.zeros((), device=self.device)))).double() * batch.weight
-        self.valid_loader.rewind()
-        model.train()
-        loss_v, count_v, extra_v = all_reduce_host([float(loss), float(count), float(extra)], self.group)
-        n = max(count_v, 1.0)
-        values = {"loss": loss_v / n, "items": int(count_v)}
-        if self.task in ("classify", "tag"):
-            values["accuracy"] = extra_v / n
-        elif self.task == "lm":
-            values["perplexity"] = math.exp(min(loss_v / n, 50.0))
-        else:
-            values["mse"] = loss_v / n / max(1, unwrap(self.model).num_targets)
+        values = evaluate_model(self.model, self.valid_loader, amp=self.amp, device=self.device, group=self.group,
+                                max_batches=self.cfg.train.eval_max_batches)
         if self.reporter:
             self.reporter.log("valid", self.state.step, values)
         return {f"valid_{k}": v for k, v in values.items()}
 
     # ------------------------------------------------------------------ checkpoints
-    def app_state(self) -> dict:
-        from distlstm.train_state import rng_state
-        extra = {"train": self.state.__dict__, "scheduler": self.scheduler.state_dict(),
-                 "loader": self.train_loader.state_dict(),
-                 "scaler": self.amp.scaler.state_dict() if self.amp.scaler else None}
-        return {"model": self.model, "optim": self.optimizer, "extra": json.loads(json.dumps(extra)),
-                "rank_state": rng_state()}
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint holds, as components the CheckpointManager saves and restores in place."""
+        from distlstm.train_state import RngState
+        extra = {"train": self.state, "scheduler": self.scheduler, "loader": self.train_loader}
+        if self.amp.scaler is not None:
+            extra["scaler"] = self.amp.scaler
+        return {"model": self.model, "optim": self.optimizer, "extra": extra, "rank_state": RngState()}
 
     def save(self) -> None:
         if self.checkpoints is None or getattr(self, "_saved_step", None) == self.state.step:
             return  # e.g. the end of a run whose last step was also a cadence step
         self._flush_counters()
-        self.checkpoints.save(self.state.step, self.app_state())
+        self.checkpoints.save(self.state.step, self.checkpoint_state())
         self._saved_step = self.state.step
 
-    def restore(self, loaded: dict) -> None:
-        """Apply what CheckpointManager.load_* returned (model and optimizer were loaded in place)."""
-        from distlstm.train_state import set_rng_state
-        extra = loaded["extra"]
-        self.state = TrainState(**extra["train"])
+    def resumed(self, loaded: dict) -> None:
+        """After CheckpointManager.load_* restored the components of `checkpoint_state()` in place."""
         # This step is already checkpointed. Saving it again (at_end, when the run was killed after
         # its last checkpoint but before final.json) would set the good copy aside first, and a kill
         # then would leave no checkpoint at all (with keep_last=1).
         self._saved_step = self.state.step
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.train_loader.load_state_dict(extra["loader"])
-        if self.amp.scaler is not None and extra.get("scaler"):
-            self.amp.scaler.load_state_dict(extra["scaler"])
-        if loaded.get("rank_state") is not None and loaded.get("world_size") == self.world.world_size:
-            set_rng_state(loaded["rank_state"])
-        else:
+        if not loaded["rank_state_restored"]:
             # Elastic resume: this rank had no counterpart; derive a fresh RNG stream from the seed.
             torch.manual_seed(self.cfg.train.seed + 1000 * self.world.rank + self.state.step)
 
@@ -382,9 +346,37 @@ class _Interval:
         self.data_wait = 0.0
         self.steps = 0
 
-    def add(self, batch: Batch, task: str) -> None:
+    def add(self, batch: Batch) -> None:
         self.steps += 1
         if batch.weight:
             self.real += batch.num_tokens
             self.padded += batch.padded_tokens
         self.skipped += batch.num_skipped
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader, *, amp: AmpPolicy, device: torch.device, group=None,
+                   max_batches: int = 0) -> dict:
+    """The task's summary (loss and its metric, `items`) of `model` over all of `loader` (at most
+    `max_batches` per rank), summed over the ranks of `group`. Rewinds the loader afterwards."""
+    model = unwrap(model)
+    task: Task = model.spec
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, items, the task's summed metric
+    batches = 0
+    for batch in loader:
+        if max_batches and batches >= max_batches:
+            break
+        batches += 1
+        batch_dev = batch.to(device, non_blocking=True)
+        with amp.autocast():
+            out = model(batch_dev.inputs, batch_dev.lengths, lengths_cpu=batch.lengths)
+        loss, count, metrics = task.loss_and_metrics(out, batch_dev.targets, batch_dev.lengths)
+        metric = metrics[task.metric_sum] if task.metric_sum else torch.zeros((), device=device)
+        sums += torch.stack([loss.double(), count.double(), metric.double()]) * batch.weight
+    loader.rewind()
+    model.train(was_training)
+    loss_v, count_v, metric_v = all_reduce_host(sums.tolist(), group)
+    summary = task.summary(loss_v, count_v, metric_v, num_targets=getattr(model, "num_targets", 1))
+    return {"loss": summary.pop("loss"), "items": int(count_v), **summary}

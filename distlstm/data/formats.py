@@ -16,6 +16,7 @@ from distlstm.data.batch import Chunk
 from distlstm.data.plan import _segments
 from distlstm.data.errors import BadSampleError
 from distlstm.data.sources import open_file, redact
+from distlstm.tasks import get_task
 
 
 def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Array]:
@@ -155,7 +156,8 @@ def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label
     if label_column:
         lab = table.column(1).combine_chunks()
         is_list = pa.types.is_list(lab.type) or pa.types.is_large_list(lab.type) or pa.types.is_fixed_size_list(lab.type)
-        if is_list and task != "tag":
+        per_step = task is not None and get_task(task).per_step
+        if is_list and not per_step:
             labels, lab_nulls = _vector_labels(path, label_column, lab, first_row)
             nulls = nulls | lab_nulls
         elif is_list:

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from distlstm.data.batch import Chunk
-from distlstm.data.sources import expand_paths, file_info, open_file, redact
-
-MANIFEST = "manifest.json"
-
+from distlstm.data.manifest import Manifest
+from distlstm.data.sources import expand_paths, file_info, redact
+from distlstm.tasks import get_task
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DISTLSTM_CACHE", Path.home() / ".cache" / "distlstm"))
@@ -35,25 +34,6 @@ def shard_format(path: str, fmt: str = "auto") -> str:
     raise ValueError(f"cannot tell the format of {redact(path)} from its name; set --data.format parquet|tar")
 
 
-def _read_manifest(spec: str, storage_options) -> dict | None:
-    """The manifest of a prepared dataset folder (local or remote), if `spec` names one."""
-    if "," in spec or any(c in spec for c in "*?{["):
-        return None
-    url = spec.rstrip("/") + "/" + MANIFEST
-    if "://" not in spec:
-        if not Path(url).is_file():
-            return None
-    elif spec.lower().endswith((".parquet", ".pq", ".tar")):
-        return None
-    try:
-        with open_file(url, storage_options=storage_options, retries=1) as f:
-            manifest = json.load(f)
-    except (FileNotFoundError, OSError):
-        return None
-    manifest["_root"] = spec.rstrip("/")
-    return manifest
-
-
 @dataclass
 class DatasetIndex:
     """Shards, chunk boundaries and per-sample lengths of one split."""
@@ -64,7 +44,8 @@ class DatasetIndex:
     chunk_local: np.ndarray      # row group within the shard (0 for tar)
     chunk_offsets: np.ndarray    # global sample id of each chunk's first sample (+ total at the end)
     lengths: np.ndarray          # int32 length of every sample
-    meta: dict = field(default_factory=dict)
+    manifest: Manifest | None = None
+    """The split's manifest.json, when the spec named a prepared folder or a manifest file."""
     sequence_column: str = "tokens"
     label_column: str | None = "label"
     storage_options: dict = field(default_factory=dict)
@@ -151,20 +132,16 @@ def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label
                retries: int = 3, progress=None) -> DatasetIndex:
     """Index a split: a prepared dataset folder (with manifest.json), files, globs, brace ranges or URLs."""
     storage_options = dict(storage_options or {})
-    manifest = _read_manifest(spec, storage_options) or {}
-    if manifest:
-        root = manifest["_root"]
-        shards = [s["path"] if "://" in s["path"] or os.path.isabs(s["path"]) else f"{root}/{s['path']}"
-                  for s in manifest["shards"]]
-    else:
-        shards = expand_paths(spec, storage_options=storage_options)
+    manifest = Manifest.find(spec, storage_options=storage_options)
+    shards = manifest.shard_urls() if manifest else expand_paths(spec, storage_options=storage_options)
     if not shards:
         raise ValueError(f"no shards found for {redact(spec)}")
-    formats = [shard_format(s, manifest.get("format", fmt) if fmt == "auto" else fmt) for s in shards]
-    column = sequence_column or manifest.get("sequence_column") or "tokens"
-    label = label_column or manifest.get("label_column") or "label"
-    if manifest.get("task") == "lm" and not label_column:
-        label = None
+    known = manifest.format if manifest and manifest.format else "auto"
+    formats = [shard_format(s, known if fmt == "auto" else fmt) for s in shards]
+    column = sequence_column or (manifest and manifest.sequence_column) or "tokens"
+    label = label_column or (manifest and manifest.label_column) or "label"
+    if manifest and manifest.task and not label_column and get_task(manifest.task).label_column is None:
+        label = None  # lm: the targets are the tokens themselves
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     chunk_shard, chunk_local, rows_all, lengths_all = [], [], [], []
     for s, (url, f) in enumerate(zip(shards, formats)):
@@ -180,8 +157,7 @@ def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label
     if len(lengths) != offsets[-1]:
         raise ValueError(f"{redact(spec)}: index has {len(lengths)} lengths for {offsets[-1]} rows; "
                          f"delete the cache folder {cache / 'index'} and retry")
-    meta = {k: v for k, v in manifest.items() if not k.startswith("_") and k != "shards"}
     return DatasetIndex(shards=shards, formats=formats, chunk_shard=np.asarray(chunk_shard, np.int64),
                         chunk_local=np.asarray(chunk_local, np.int64), chunk_offsets=offsets, lengths=lengths,
-                        meta=meta, sequence_column=column, label_column=label,
+                        manifest=manifest, sequence_column=column, label_column=label,
                         storage_options=storage_options, retries=retries)

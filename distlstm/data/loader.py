@@ -25,24 +25,16 @@ from distlstm.data.batch import Batch, Chunk
 from distlstm.data.errors import BadSampleError
 from distlstm.data.index import DatasetIndex
 from distlstm.data.plan import EpochPlan, PlanParams
+from distlstm.tasks import Task, _per_sample_any, get_task
 
 STATE_VERSION = 1
 
 
-def _per_sample_any(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Per-sample OR of per-step `flags` (samples may be empty)."""
-    lens = np.diff(offsets)
-    out = np.zeros(len(lens), bool)
-    nonempty = lens > 0
-    if nonempty.any():
-        out[nonempty] = np.logical_or.reduceat(flags, offsets[:-1][nonempty])
-    return out
-
-
-def find_bad_samples(chunk: Chunk, *, task: str, vocab_size: int, num_classes: int) -> dict[int, str]:
+def find_bad_samples(chunk: Chunk, *, task: str | Task, vocab_size: int, num_classes: int) -> dict[int, str]:
     """Vectorised checks of a decoded chunk: local index -> problem (plus what decoding found).
     Each check first runs as one cheap reduction over the chunk; the per-sample pass runs only when
     that reduction says something is wrong, so clean data costs one or two passes in all."""
+    task = get_task(task)
     bad = dict(chunk.bad)
     n = len(chunk)
     if n == 0:
@@ -53,7 +45,8 @@ def find_bad_samples(chunk: Chunk, *, task: str, vocab_size: int, num_classes: i
             bad.setdefault(i, problem)
 
     lens = chunk.lengths
-    flag(lens < (2 if task == "lm" else 1), "empty sequence" if task != "lm" else "fewer than 2 tokens for lm")
+    flag(lens < task.min_length, "empty sequence" if task.min_length == 1 else
+         f"fewer than {task.min_length} tokens for {task.name}")
     values, offsets = chunk.values, chunk.offsets
     if len(values):
         if values.dtype.kind == "f":
@@ -62,26 +55,17 @@ def find_bad_samples(chunk: Chunk, *, task: str, vocab_size: int, num_classes: i
         elif vocab_size and (values.min() < 0 or values.max() >= vocab_size):
             flag(_per_sample_any((values < 0) | (values >= vocab_size), offsets),
                  f"token id outside [0, {vocab_size}) (model.vocab_size)")
-    labels = chunk.labels
-    if task in ("classify", "tag", "regress"):
-        if labels is None:
-            flag(np.ones(n, bool), "missing label")
-        elif task == "regress":
-            flag(~np.isfinite(np.asarray(labels, np.float64).reshape(n, -1)).all(axis=1), "NaN or infinite target")
-        elif task == "classify" and num_classes:
-            flag((labels < 0) | (labels >= num_classes), f"label outside [0, {num_classes}) (model.num_classes)")
-        elif task == "tag" and num_classes and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            flag(_per_sample_any((labels < 0) | (labels >= num_classes), offsets),
-                 f"tag outside [0, {num_classes}) (model.num_classes)")
+    for mask, problem in task.check_labels(chunk.labels, offsets, num_classes):
+        flag(mask, problem)
     return bad
 
 
 class _Assembler:
     """Turns sample ids into a padded Batch from the joined buffers of the windows in use."""
 
-    def __init__(self, index: DatasetIndex, *, task: str, max_length: int, vocab_size: int, num_classes: int,
-                 on_bad_sample: str, quarantine: Path | None):
-        self.index, self.task, self.max_length = index, task, max_length
+    def __init__(self, index: DatasetIndex, *, task: str | Task, max_length: int, vocab_size: int,
+                 num_classes: int, on_bad_sample: str, quarantine: Path | None):
+        self.index, self.task, self.max_length = index, get_task(task), max_length
         self.vocab_size, self.num_classes = vocab_size, num_classes
         self.on_bad_sample, self.quarantine = on_bad_sample, quarantine
         self._wins: OrderedDict[tuple, _Window] = OrderedDict()
@@ -91,7 +75,7 @@ class _Assembler:
         """Decode chunk `c` and find its bad samples (once per window: the window keeps the data)."""
         rows = int(self.index.chunk_offsets[c + 1] - self.index.chunk_offsets[c])
         try:
-            chunk = self.index.read_chunk(c, task=self.task)
+            chunk = self.index.read_chunk(c, task=self.task.name)
             if len(chunk) != rows:
                 shard = self.index.shards[self.index.chunk_shard[c]]
                 raise BadSampleError(shard, f"chunk {int(self.index.chunk_local[c])}", f"has {len(chunk)} samples "
@@ -126,7 +110,7 @@ class _Assembler:
         while len(self._wins) >= self.max_windows:
             self._wins.popitem(last=False)  # free before decoding the next
         win = _Window(key, [(c, *self.chunk(c)) for c in key], self.index.chunk_offsets,
-                      per_step=self.task == "tag", max_length=self.max_length)
+                      per_step=self.task.per_step, max_length=self.max_length)
         self._wins[key] = win
         return win
 
@@ -159,30 +143,20 @@ class _Assembler:
         # numpy, not torch, until the main process: tensors cross from a DataLoader worker through one
         # shared-memory segment each (about 1 ms per batch); numpy arrays travel inside the pickle.
         lens = lens.astype(np.int64)
-        if self.task == "lm":
-            y = inputs[:, 1:].astype(np.int64)
-            y[np.arange(T - 1)[None, :] >= (lens[:, None] - 1)] = -100
-            return Batch(np.ascontiguousarray(inputs[:, :-1]), lens - 1, y, ids.astype(np.int64), weight, epoch,
-                         consumed, skipped)
-        if self.task == "tag":
-            y = np.where(mask, win.labels[starts[:, None] + np.arange(T)], -100).astype(np.int64)
-        elif self.task == "regress":
-            y = win.labels[pos].astype(np.float32)
-        else:
-            y = win.labels[pos].astype(np.int64)
+        inputs, lens, y = self.task.batch_arrays(inputs, lens, win.labels, pos=pos, starts=starts, mask=mask)
         return Batch(inputs, lens, y, ids.astype(np.int64), weight, epoch, consumed, skipped)
 
     def _empty(self, *, epoch: int, consumed: int, skipped: int) -> Batch:
         """A one-sample, zero-weight batch of the right types (every sample of a batch was bad)."""
-        width = int(self.index.meta.get("input_size") or 0)
-        targets = int(self.index.meta.get("num_targets") or 1)
+        dims = self.index.manifest.dims() if self.index.manifest else {}
+        width = int(dims.get("input_size") or 0)
+        targets = int(dims.get("num_targets") or 1)
         for win in self._wins.values():
             width = win.values.shape[1] if win.values.ndim == 2 and win.values.shape[1] else width
-            if self.task == "regress" and win.labels is not None and win.labels.ndim == 2:
-                targets = win.labels.shape[1]
+            if not self.task.per_step and win.labels is not None and win.labels.ndim == 2:
+                targets = win.labels.shape[1]  # K-vector regression targets
         x = torch.zeros((1, 2, width) if width else (1, 2), dtype=torch.float32 if width else torch.int64)
-        y = {"tag": torch.full((1, 2), -100), "lm": torch.full((1, 2), -100),
-             "regress": torch.zeros((1, targets) if targets > 1 else (1,))}.get(self.task, torch.zeros(1, dtype=torch.int64))
+        y = self.task.empty_targets(targets)
         return Batch(x, torch.tensor([2]), y, torch.tensor([-1]), 0.0, epoch, consumed, skipped)
 
 

@@ -25,7 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-TASKS = ("classify", "regress", "tag", "lm")
+from distlstm.data.manifest import Manifest, ShardInfo
+from distlstm.tasks import TASKS, get_task
+
+
 _WORD = re.compile(r"\w+|[^\w\s]")
 _OUTPUTS = ("train", "valid", "vocab.json", "labels.json")
 
@@ -474,25 +477,20 @@ class ShardWriter:
         return self.shards
 
 
-def _write_manifest(directory: str, a, s: Survey, shards: list[dict]) -> dict:
+def _write_manifest(directory: str, a, s: Survey, shards: list[dict]) -> Manifest:
     features = bool(a.features_field)
-    if a.task in ("classify", "tag"):
+    task = get_task(a.task)
+    if task.needs_classes:
         num_classes = len(s.label_ids) if s.label_ids else s.max_label + 1
     else:
         num_classes = None
-    manifest = {
-        "version": 1, "format": a.format, "task": a.task,
-        "sequence_column": "features" if features else "tokens",
-        "label_column": {"classify": "label", "regress": "label", "tag": "tags"}.get(a.task),
-        "vocab_size": None if features else (len(s.itos) if s.itos else s.max_token_id + 1),
-        "num_classes": num_classes, "input_size": s.input_size if features else None,
-        "num_samples": sum(x["num_samples"] for x in shards), "num_tokens": sum(x["num_tokens"] for x in shards),
-        "shards": shards,
-    }
-    tmp = os.path.join(directory, "manifest.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(directory, "manifest.json"))  # the manifest appears last: a commit marker
+    manifest = Manifest(
+        format=a.format, task=a.task, sequence_column="features" if features else "tokens",
+        label_column=task.label_column, vocab_size=None if features else (len(s.itos) if s.itos else s.max_token_id + 1),
+        num_classes=num_classes, input_size=s.input_size if features else None,
+        num_samples=sum(x["num_samples"] for x in shards), num_tokens=sum(x["num_tokens"] for x in shards),
+        shards=[ShardInfo(**x) for x in shards])
+    manifest.write(directory)  # the manifest appears last: a commit marker
     return manifest
 
 
@@ -588,7 +586,7 @@ def run(a) -> dict[str, dict]:
         index += forced is None
         writers["valid" if valid and "valid" in writers else "train"].add(seq, label)
     bar.close()
-    manifests = {name: _write_manifest(w.directory, a, s, w.close()) for name, w in writers.items()}
+    manifests = {name: _write_manifest(w.directory, a, s, w.close()).to_dict() for name, w in writers.items()}
     if skipped:
         print(f"distlstm.prep: skipped {len(skipped)} bad records, e.g. {skipped[0]}", file=sys.stderr)
     for name, m in manifests.items():

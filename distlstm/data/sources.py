@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob as globlib
-import json
 import logging
 import os
 import random
@@ -305,14 +304,9 @@ def _is_shard_name(name: str) -> bool:
     return not name.endswith(_SIDECAR_SUFFIXES)
 
 
-def _manifest_shards(manifest_url: str, base: str, storage_options: dict | None) -> list[str]:
-    try:
-        manifest = json.loads(read_bytes(manifest_url, storage_options=storage_options))
-        paths = [shard["path"] for shard in manifest["shards"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{redact(manifest_url)}: not a distlstm manifest ({type(exc).__name__}: {exc}); "
-                         f"expected {{'shards': [{{'path': ...}}, ...]}} as written by distlstm.prep") from None
-    return [p if "://" in p or os.path.isabs(p) else base.rstrip("/") + "/" + p for p in paths]
+def _manifest_shards(manifest_url: str, storage_options: dict | None) -> list[str]:
+    from distlstm.data.manifest import Manifest  # late: manifest reads through this module
+    return Manifest.read(manifest_url, storage_options=storage_options).shard_urls()
 
 
 def _expand_local(pattern: str) -> list[str]:
@@ -320,7 +314,7 @@ def _expand_local(pattern: str) -> list[str]:
     if os.path.isdir(path):
         manifest = os.path.join(path, "manifest.json")
         if os.path.isfile(manifest):
-            return [os.path.normpath(p) for p in _manifest_shards(manifest, path, None)]
+            return [os.path.normpath(p) for p in _manifest_shards(manifest, None)]
         found = sorted(os.path.join(path, n) for n in os.listdir(path)
                        if n.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(path, n)))
         if not found:
@@ -333,7 +327,7 @@ def _expand_local(pattern: str) -> list[str]:
             raise ValueError(f"{pattern}: glob matched no files (looked for {path})")
         return found
     if os.path.basename(path) == "manifest.json" and os.path.isfile(path):
-        return [os.path.normpath(p) for p in _manifest_shards(path, os.path.dirname(path), None)]
+        return [os.path.normpath(p) for p in _manifest_shards(path, None)]
     if not os.path.isfile(path):
         raise ValueError(f"{pattern}: no such file or directory (looked for {path})")
     return [path]
@@ -345,7 +339,7 @@ def _expand_remote(pattern: str, storage_options: dict | None) -> list[str]:
         # HTTP cannot list: URLs are taken literally, except a "directory" URL ending in "/",
         # which must hold a manifest.json.
         if pattern.endswith("/"):
-            return _manifest_shards(pattern + "manifest.json", pattern, storage_options)
+            return _manifest_shards(pattern + "manifest.json", storage_options)
         return [pattern]
     fs, path = _filesystem(pattern, storage_options)
     if _GLOB_CHARS.search(path):
@@ -355,12 +349,12 @@ def _expand_remote(pattern: str, storage_options: dict | None) -> list[str]:
         return [fs.unstrip_protocol(p) for p in found]
     name = path.rstrip("/").rsplit("/", 1)[-1]
     if name == "manifest.json":
-        return _manifest_shards(pattern, pattern.rsplit("/", 1)[0], storage_options)
+        return _manifest_shards(pattern, storage_options)
     if "." in name and not pattern.endswith("/"):
         return [pattern]  # a file name: taken literally (no request per shard)
     base = pattern.rstrip("/")
     if with_retries(lambda: fs.exists(path.rstrip("/") + "/manifest.json"), pattern, what="stat"):
-        return _manifest_shards(base + "/manifest.json", base, storage_options)
+        return _manifest_shards(base + "/manifest.json", storage_options)
     found = sorted(p for p in with_retries(lambda: fs.ls(path, detail=False), pattern, what="list")
                    if p.endswith(SHARD_SUFFIXES))
     if not found:

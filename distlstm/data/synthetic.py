@@ -10,7 +10,6 @@ deterministically, as Parquet shards with a manifest, so it goes through the sam
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import uuid
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from distlstm.data.manifest import Manifest, ShardInfo
 
 NUM_MARKERS = 4
 NOISE_TOKENS = 24            # ids 1..24; markers are 25..28; 0 is never used
@@ -51,14 +52,12 @@ def _write_split(folder: Path, name: str, seqs: list[np.ndarray], labels: np.nda
                           "label": pa.array(labels[lo:lo + shard_rows], type=pa.int64())})
         pq.write_table(table, path, row_group_size=512)
         data = path.read_bytes()
-        shards.append({"path": path.name, "num_samples": table.num_rows,
-                       "num_tokens": int(sum(len(x) for x in seqs[lo:lo + shard_rows])),
-                       "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {"version": 1, "format": "parquet", "task": "classify", "sequence_column": "tokens",
-                "label_column": "label", "vocab_size": VOCAB_SIZE, "num_classes": NUM_MARKERS,
-                "input_size": None, "num_samples": len(seqs), "num_tokens": sum(s["num_tokens"] for s in shards),
-                "shards": shards}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        shards.append(ShardInfo(path=path.name, num_samples=table.num_rows,
+                                num_tokens=int(sum(len(x) for x in seqs[lo:lo + shard_rows])),
+                                bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    Manifest(format="parquet", task="classify", sequence_column="tokens", label_column="label",
+             vocab_size=VOCAB_SIZE, num_classes=NUM_MARKERS, num_samples=len(seqs),
+             num_tokens=sum(s.num_tokens for s in shards), shards=shards).write(str(folder))
 
 
 def ensure_synthetic(cache_dir: Path, *, num_train: int, num_valid: int = 2000, seed: int = 7) -> Path:

@@ -27,9 +27,10 @@ from webdataset import tariterators
 from distlstm.data.batch import Chunk
 from distlstm.data.errors import BadSampleError
 from distlstm.data.sources import RetriesExhaustedError, open_file, read_bytes, redact
+from distlstm.tasks import TASKS, get_task
 
 SEQUENCE_SUFFIXES = ("tokens.npy", "features.npy")
-LABEL_SUFFIXES = {"classify": "cls", "regress": "target.npy", "tag": "tags.npy"}
+LABEL_SUFFIXES = {t.name: t.tar_label for t in TASKS.values() if t.tar_label}
 _CORRUPT_FIX = "re-create or re-copy the shard (compare its sha256 with manifest.json), or remove it from the dataset"
 _CORRUPT_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
@@ -178,9 +179,7 @@ def _decode_label(sample: dict, suffix: str, length: int) -> tuple[np.ndarray | 
 
 def _label_suffix(samples: list[dict], task: str | None, shard: str) -> str | None:
     if task is not None:
-        if task not in (*LABEL_SUFFIXES, "lm"):
-            raise ValueError(f"task {task!r}: expected one of classify, regress, tag, lm")
-        return LABEL_SUFFIXES.get(task)
+        return get_task(task).tar_label
     present = {s for s in LABEL_SUFFIXES.values() if any(s in sample for sample in samples)}
     if len(present) > 1:
         raise BadSampleError(shard, "labels", f"mixed label members {sorted(present)} in one shard",

@@ -12,16 +12,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from distlstm.tasks import IGNORE_INDEX, TASKS, Task, get_task  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from distlstm.config import ModelConfig
 
-TASKS = ("classify", "regress", "tag", "lm")
 INPUTS = ("tokens", "features")
-IGNORE_INDEX = -100  # target value for positions that carry no loss (batch contract)
 
 LstmState = tuple[Tensor, Tensor]  # (h, c), each (num_layers * num_directions, B, size)
 
@@ -55,6 +54,7 @@ class SequenceModel(nn.Module):
         super().__init__()
         _validate(**locals())
         self.task = task
+        self.spec: Task = get_task(task)
         self.input = input
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -86,12 +86,7 @@ class SequenceModel(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
         features = self.direction_size * self.num_directions
-        num_outputs = {
-            "classify": num_classes,
-            "tag": num_classes,
-            "regress": num_targets,
-            "lm": vocab_size,
-        }[task]
+        num_outputs = self.spec.output_size(vocab_size=vocab_size, num_classes=num_classes, num_targets=num_targets)
         self.head = nn.Linear(features, num_outputs)
         if tie_weights:
             # Same Parameter object: one tensor, counted once, updated once.
@@ -151,13 +146,10 @@ class SequenceModel(nn.Module):
         return steps, final_state
 
     def apply_head(self, steps: Tensor, lengths: Tensor) -> Tensor:
-        if self.task in ("tag", "lm"):
+        if self.spec.per_step:
             return self.head(self.dropout(steps))
         pooled = self.dropout(self.pool_last(steps, lengths))
-        out = self.head(pooled)
-        if self.task == "regress" and self.num_targets == 1:
-            out = out.squeeze(-1)
-        return out
+        return self.spec.pooled_output(self.head(pooled))
 
     def pool_last(self, steps: Tensor, lengths: Tensor) -> Tensor:
         """Per-sequence summary: forward state at the TRUE last step (+ backward state at step 0).
@@ -176,60 +168,22 @@ class SequenceModel(nn.Module):
 
 
 def loss_and_metrics(
-    task: str, outputs: Tensor, targets: Tensor, lengths: Tensor
+    task: str | Task, outputs: Tensor, targets: Tensor, lengths: Tensor
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Loss SUMMED over real items, the item count (float32 tensor) and summed float32 metrics.
+    """Loss SUMMED over real items, the item count and summed metrics: `Task.loss_and_metrics`.
 
     Items: samples for classify/regress; tokens with target != -100 and position < length for
-    tag/lm. The trainer divides the sum by the global item count of the whole optimizer step, so
-    short and long micro-batches weigh each item equally. Computed in float32 whatever the output
-    dtype (bf16 log-softmax over a large vocab loses too much; float64 stays float64). No host syncs.
+    tag/lm. The trainer divides the sum by the global item count of the whole optimizer step.
     """
-    outputs = outputs.to(torch.promote_types(outputs.dtype, torch.float32))
-    if task == "classify":
-        loss = F.cross_entropy(outputs, targets, reduction="sum")
-        correct = (outputs.argmax(-1) == targets).sum(dtype=torch.float32)
-        return loss, _count(outputs.shape[0], outputs), {"correct": correct}
-    if task == "regress":
-        if targets.shape != outputs.shape:
-            if targets.numel() != outputs.numel():
-                raise ValueError(
-                    f"regress targets have shape {tuple(targets.shape)}, outputs "
-                    f"{tuple(outputs.shape)}; set model.num_targets to the number of target columns"
-                )
-            targets = targets.reshape(outputs.shape)
-        sq_err = (outputs - targets.to(outputs.dtype)).square().sum()
-        return sq_err, _count(outputs.shape[0], outputs), {"sq_err": sq_err.detach()}
-    if task in ("tag", "lm"):
-        batch, steps = targets.shape
-        in_length = torch.arange(steps, device=targets.device) < lengths.to(targets.device)[:, None]
-        real = in_length & (targets != IGNORE_INDEX)
-        # Mask by length as well as by -100, so a loader that leaves junk targets in the padding
-        # still cannot leak it into the loss.
-        masked_targets = targets.masked_fill(~real, IGNORE_INDEX)
-        logits = outputs.reshape(batch * steps, -1)
-        loss = F.cross_entropy(
-            logits, masked_targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        count = real.sum(dtype=torch.float32)
-        if task == "lm":
-            return loss, count, {}  # perplexity = exp(loss / count), computed by the caller
-        correct = ((logits.argmax(-1) == masked_targets.reshape(-1)) & real.reshape(-1)).sum(
-            dtype=torch.float32
-        )
-        return loss, count, {"correct": correct}
-    raise ValueError(f"model.task={task!r} is not one of {TASKS}")
-
-
-def _count(n: int, like: Tensor) -> Tensor:
-    # torch.full launches a fill on the device; torch.tensor(n, device=...) would copy from host.
-    return torch.full((), n, dtype=torch.float32, device=like.device)
+    return get_task(task).loss_and_metrics(outputs, targets, lengths)
 
 
 def build_model(
-    cfg: ModelConfig, *, vocab_size: int, input_size: int, num_classes: int
+    cfg: ModelConfig, *, vocab_size: int | None = None, input_size: int | None = None,
+    num_classes: int | None = None
 ) -> SequenceModel:
-    """The model described by the `[model]` config; sizes that come from the data are arguments."""
+    """The model described by the `[model]` config. The sizes that come from the data are read from
+    the config (a resolved config has them) unless given as arguments."""
     return SequenceModel(
         task=cfg.task,
         input=cfg.input,
@@ -241,9 +195,9 @@ def build_model(
         proj_size=cfg.proj_size,
         tie_weights=cfg.tie_weights,
         num_targets=getattr(cfg, "num_targets", 1),
-        vocab_size=vocab_size,
-        input_size=input_size,
-        num_classes=num_classes,
+        vocab_size=cfg.vocab_size if vocab_size is None else vocab_size,
+        input_size=cfg.input_size if input_size is None else input_size,
+        num_classes=cfg.num_classes if num_classes is None else num_classes,
     )
 
 
@@ -269,7 +223,7 @@ def flops_per_token(model: SequenceModel) -> int:
             per_direction += 2 * hidden * out
         forward += per_direction * model.num_directions
         layer_input = out * model.num_directions
-    if model.task in ("tag", "lm"):
+    if model.spec.per_step:
         forward += 2 * model.head.in_features * model.head.out_features
     return 3 * forward
 
@@ -304,8 +258,7 @@ def _validate(
     **_: object,
 ) -> None:
     """Reject impossible combinations, naming the config key (or the data-derived size) at fault."""
-    if task not in TASKS:
-        raise ValueError(f"model.task={task!r} is not one of {', '.join(TASKS)}")
+    get_task(task)  # raises naming model.task
     if input not in INPUTS:
         raise ValueError(f"model.input={input!r} is not one of {', '.join(INPUTS)}")
     if hidden_size < 1:
@@ -328,25 +281,10 @@ def _validate(
         raise ValueError(
             f"input_size={input_size} from the dataset must be >= 1 for model.input='features'"
         )
-    if task in ("classify", "tag") and num_classes < 2:
-        raise ValueError(
-            f"num_classes={num_classes} from the dataset must be >= 2 for model.task={task!r}"
-        )
-    if task == "regress" and num_targets < 1:
-        raise ValueError(f"model.num_targets={num_targets} must be >= 1 for model.task='regress'")
-    if task == "lm":
-        if input != "tokens":
-            raise ValueError(
-                f"model.task='lm' predicts the next token, so it needs model.input='tokens' "
-                f"(got model.input={input!r})"
-            )
-        if bidirectional:
-            raise ValueError(
-                "model.bidirectional=true is not allowed with model.task='lm': the backward "
-                "direction reads the tokens being predicted; set model.bidirectional=false"
-            )
+    spec = get_task(task)
+    spec.check_model(input=input, bidirectional=bidirectional, num_classes=num_classes, num_targets=num_targets)
     if tie_weights:
-        if task != "lm":
+        if not spec.predicts_tokens:
             raise ValueError(
                 f"model.tie_weights=true only applies to model.task='lm' (got model.task={task!r}); "
                 "set model.tie_weights=false"

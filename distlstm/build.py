@@ -1,0 +1,195 @@
+"""One way to build a run, shared by `train`, `evaluate` and `predict`: index the data, resolve the
+config against it, build the model (DDP-wrapped where there are several ranks), the optimizer and
+schedule, the mixed-precision policy and the loaders.
+
+    run = build_run(cfg, world, device, group=group, log=log, run_dir=run_dir)
+    run.cfg             # resolved: model.input and the sizes that come from the data are filled in
+    run.model           # the bare model; run.ddp_model is what the trainer steps
+
+The process group, the run directory, checkpoints, preemption and reporting belong to the command
+that uses the run (see distlstm/train.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distlstm.config import Config, ConfigError
+from distlstm.data.index import DatasetIndex, default_cache_dir, open_index
+from distlstm.data.loader import BatchLoader, build_loader, plan_params
+from distlstm.data.plan import EpochPlan
+from distlstm.data.sources import redact
+from distlstm.models.lstm import SequenceModel, build_model, num_parameters
+from distlstm.parallel import AmpPolicy, all_reduce_host, apply_ddp
+from distlstm.tasks import Task, get_task
+from distlstm.world import World
+
+INDEX_TIMEOUT_S = 3600
+
+
+@dataclass
+class Run:
+    """Everything a command needs to train, evaluate or predict."""
+
+    cfg: Config
+    world: World
+    device: torch.device
+    group: Any
+    model: SequenceModel
+    ddp_model: nn.Module
+    amp: AmpPolicy
+    train_index: DatasetIndex | None = None
+    valid_index: DatasetIndex | None = None
+    train_loader: BatchLoader | None = None
+    valid_loader: BatchLoader | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+
+    @property
+    def task(self) -> Task:
+        return self.model.spec
+
+
+def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Callable[[str], Any],
+              run_dir: Path | None = None, training: bool = True) -> Run:
+    """Index, resolve, build. `training=False` (evaluate, predict): only data.valid is indexed and
+    loaded, and there is no optimizer; the config must then already be resolved (a run's saved
+    config is) or data.valid must carry the sizes in its manifest."""
+    train_index, valid_index = index_data(cfg, world, group, log, train=training)
+    cfg = resolve_config(cfg, train_index if training else valid_index)
+    _seed_everything(cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    log(f"model: {cfg.model.task}, {num_parameters(model):,} parameters")
+    # Each rank gets its own dropout stream; DDP broadcasts rank 0's initial weights.
+    torch.manual_seed(cfg.train.seed + 1000 * world.rank)
+    ddp_model = apply_ddp(model, world, device) if training else model
+    optimizer = scheduler = None
+    if training:
+        from distlstm.trainer import build_optimizer
+        optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps(cfg, train_index, world), device)
+    amp = AmpPolicy(cfg.train.precision, device)
+    train_loader, valid_loader = build_loaders(cfg, world, device, group, run_dir, train_index, valid_index)
+    return Run(cfg=cfg, world=world, device=device, group=group, model=model, ddp_model=ddp_model, amp=amp,
+               train_index=train_index, valid_index=valid_index, train_loader=train_loader,
+               valid_loader=valid_loader, optimizer=optimizer, scheduler=scheduler)
+
+
+def build_loaders(cfg: Config, world: World, device: torch.device, group, run_dir: Path | None,
+                  train_index: DatasetIndex | None, valid_index: DatasetIndex | None):
+    """This rank's training loader (shuffled, workers, the plan-hash check across ranks) and
+    validation loader (in order, in-process, one pass)."""
+    def agree(value: int) -> bool:
+        lo, hi = all_reduce_host([float(-value), float(value)], group, op=dist.ReduceOp.MAX)
+        return -lo == hi == value
+
+    m = cfg.model
+    kw = dict(task=m.task, dp_rank=world.rank, dp_world_size=world.world_size, vocab_size=m.vocab_size,
+              num_classes=m.num_classes, pin_memory=device.type == "cuda", run_dir=run_dir)
+    train = build_loader(train_index, cfg.data, agree=agree if world.is_distributed else None,
+                         max_epochs=cfg.train.max_epochs, **kw) if train_index is not None else None
+    valid = build_loader(valid_index, cfg.data, shuffle=False, max_epochs=1, num_workers=0,
+                         **kw) if valid_index is not None else None
+    return train, valid
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_data(cfg: Config, log, *, train: bool = True) -> tuple[DatasetIndex | None, DatasetIndex | None]:
+    """Index the train (if `train`) and valid splits; the embedded synthetic dataset when data.train
+    is empty."""
+    d = cfg.data
+    cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
+    train_spec, valid_spec = d.train, d.valid
+    if not train_spec:
+        from distlstm.data.synthetic import ensure_synthetic
+        root = ensure_synthetic(cache, num_train=d.synthetic_samples)
+        log(f"data: embedded synthetic dataset in {root}")
+        train_spec, valid_spec = str(root / "train"), valid_spec or str(root / "valid")
+    kw = dict(fmt=d.format, sequence_column=d.sequence_column, label_column=d.label_column, cache_dir=cache,
+              storage_options=d.storage_options, retries=d.retries)
+    train_index = open_index(train_spec, **kw) if train else None
+    valid_index = open_index(valid_spec, **kw) if valid_spec else None
+    parts = []
+    if train_index is not None:
+        parts.append(f"train {redact(train_spec)}: {train_index.num_samples} samples, {len(train_index.shards)} "
+                     f"shards, {int(train_index.lengths.astype(np.int64).sum())} tokens")
+    if valid_index is not None:
+        parts.append(f"valid {redact(valid_spec)}: {valid_index.num_samples} samples")
+    log("data: " + "; ".join(parts or ["none"]))
+    return train_index, valid_index
+
+
+def index_data(cfg: Config, world: World, group, log, *, train: bool = True):
+    """The leader indexes first (filling the shared cache), then the others (cache hits on a shared
+    cache folder). The waits are gloo barriers with a long timeout: indexing a large remote dataset
+    on a cold cache can take far longer than train.timeout_s, which bounds training collectives."""
+    if not world.is_distributed:
+        return load_data(cfg, log, train=train)
+    wait = lambda: dist.monitored_barrier(group=group, timeout=timedelta(seconds=INDEX_TIMEOUT_S))  # noqa: E731
+    result = load_data(cfg, log, train=train) if world.is_leader else None
+    wait()
+    if result is None:
+        result = load_data(cfg, log, train=train)
+    wait()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def resolve_config(cfg: Config, index: DatasetIndex | None) -> Config:
+    """`cfg` with `model.input` decided (auto -> features when the data has feature vectors) and the
+    sizes that come from the data (vocab, features, classes) filled in from the manifest, so that the
+    saved config rebuilds the same model. Errors name the key to set when a size is unknown."""
+    m = cfg.model
+    task = get_task(m.task)
+    dims = index.manifest.dims() if index is not None and index.manifest else {}
+    vocab_size = m.vocab_size or dims.get("vocab_size", 0)
+    input_size = m.input_size or dims.get("input_size", 0)
+    num_classes = m.num_classes or dims.get("num_classes", 0)
+    model_input = m.input
+    if model_input == "auto":
+        features = bool(dims.get("input_size")) or (index is not None and index.sequence_column == "features")
+        model_input = "features" if features else "tokens"
+    if model_input == "features" and not input_size:
+        raise ConfigError("model.input_size is unknown: the dataset has no manifest with input_size; set it")
+    needs_vocab = model_input != "features" and not input_size or task.predicts_tokens
+    if needs_vocab and not vocab_size:
+        raise ConfigError("model.vocab_size is unknown: the dataset has no manifest with vocab_size; "
+                          "set --model.vocab_size (largest token id + 1)")
+    if task.needs_classes and not num_classes:
+        raise ConfigError("model.num_classes is unknown: the dataset has no manifest with num_classes; set it")
+    model = dataclasses.replace(m, input=model_input, vocab_size=vocab_size, input_size=input_size,
+                                num_classes=num_classes)
+    return dataclasses.replace(cfg, model=model)
+
+
+def total_steps(cfg: Config, index: DatasetIndex, world: World) -> int:
+    """Optimizer steps the run will take (what the cosine schedule spans): train.max_steps, or, for
+    an epoch-limited run, the steps the data plan gives each rank over train.max_epochs."""
+    epoch_steps = 0
+    if cfg.train.max_epochs:
+        params = plan_params(cfg.data)
+        for epoch in range(cfg.train.max_epochs):
+            plan = EpochPlan(index.chunk_offsets, index.lengths, params, seed=cfg.data.seed, epoch=epoch)
+            epoch_steps += -(-plan.batches_per_rank(world.world_size) // cfg.train.accum_steps)
+    if cfg.train.max_steps and epoch_steps:
+        return min(cfg.train.max_steps, epoch_steps)
+    return cfg.train.max_steps or epoch_steps
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
