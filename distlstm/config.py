@@ -110,36 +110,64 @@ class ModelConfig:
     bidirectional: bool = opt(False, "run a backward LSTM too (not for lm)")
     proj_size: int = opt(0, "LSTM output projection size (nn.LSTM proj_size); 0 = none")
     tie_weights: bool = opt(False, "lm only: share the embedding with the output layer")
+    embed_dropout: float = opt(0.0, "dropout on the LSTM's input (the token embeddings, or the feature vectors)")
 
     def __post_init__(self) -> None:
         _check_choices("model", self)
         _positive("model", self, "embed_size", "hidden_size", "num_layers", "num_targets")
         _positive("model", self, "vocab_size", "input_size", "num_classes", "proj_size", allow_zero=True)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        for name in ("dropout", "embed_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:  # nan fails too
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay."""
+    """The optimizer (AdamW by default; Adam or SGD) with linear warmup, then cosine, constant or plateau."""
 
     lr: float = opt(3e-3, "peak learning rate")
-    weight_decay: float = opt(0.01, "AdamW weight decay")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.99, "AdamW beta2")
-    eps: float = opt(1e-8, "AdamW epsilon")
+    weight_decay: float = opt(0.01, "weight decay of matrices: decoupled for adamw; an L2 term in the gradient "
+                                    "for adam and sgd (the classic SGD recipe uses 0)")
+    beta1: float = opt(0.9, "Adam/AdamW beta1")
+    beta2: float = opt(0.99, "Adam/AdamW beta2")
+    eps: float = opt(1e-8, "Adam/AdamW epsilon")
     warmup_steps: int = opt(30, "optimizer steps of linear warmup")
-    schedule: str = opt("cosine", "learning-rate decay after warmup", ("cosine", "constant"))
+    schedule: str = opt("cosine", "learning-rate decay after warmup; plateau = constant, multiplied by "
+                                  "optim.plateau_factor when the validation loss stalls",
+                        ("cosine", "constant", "plateau"))
     min_lr_ratio: float = opt(0.1, "cosine decays to lr x this at the last step (train.max_steps, or the steps of train.max_epochs)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (after unscaling); 0 = off")
+    name: str = opt("adamw", "the optimizer", ("adamw", "adam", "sgd"))
+    momentum: float = opt(0.0, "sgd momentum; 0 = plain SGD")
+    nesterov: bool = opt(False, "sgd: Nesterov momentum (needs optim.momentum > 0)")
+    plateau_factor: float = opt(0.25, "schedule plateau: multiply the lr by this when the validation loss has "
+                                      "not improved for optim.plateau_patience evaluations")
+    plateau_patience: int = opt(1, "schedule plateau: evaluations without a new best validation loss before "
+                                   "the lr is reduced (train.eval_every sets how often they happen)")
 
     def __post_init__(self) -> None:
         _check_choices("optim", self)
-        _positive("optim", self, "lr", "eps")
+        _positive("optim", self, "lr", "eps", "plateau_patience")
         _positive("optim", self, "weight_decay", "warmup_steps", "grad_clip", allow_zero=True)
         for name in ("beta1", "beta2", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:  # nan fails too
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1]")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"optim.momentum={self.momentum} must be in [0, 1)")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ConfigError(f"optim.plateau_factor={self.plateau_factor} must be in (0, 1)")
+        if self.name != "sgd" and (self.momentum or self.nesterov):
+            raise ConfigError(f"optim.momentum / optim.nesterov apply to optim.name=sgd, not {self.name!r} "
+                              f"(Adam's momentum is optim.beta1); set optim.name=sgd or leave them at 0 / false")
+        if self.nesterov and not self.momentum:
+            raise ConfigError("optim.nesterov=true needs optim.momentum > 0 (e.g. 0.9)")
+        # SGD's weight decay is an L2 term, so every step shrinks the weights by lr x weight_decay: with
+        # the large learning rates SGD is run at (lr 20 in the classic LM recipe), AdamW's default 0.01
+        # would take a fifth off every weight per step.
+        if self.name == "sgd" and self.lr * self.weight_decay >= 0.01:
+            raise ConfigError(f"optim.name=sgd with optim.lr={self.lr} and optim.weight_decay={self.weight_decay} "
+                              f"shrinks every weight by {self.lr * self.weight_decay:.0%} per step; set "
+                              f"--optim.weight_decay 0 (the classic recipe) or below {0.01 / self.lr:.2g}")
 
 
 @dataclass(kw_only=True)

@@ -13,20 +13,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distlstm.config import Config
+from distlstm.config import Config, ConfigError
 from distlstm.data.batch import Batch
 from distlstm.models.lstm import flops_per_token
+from distlstm.optim import PlateauSchedule, make_optimizer
 from distlstm.parallel import AmpPolicy, all_reduce_host, no_sync, unwrap
 from distlstm.tasks import Task
 from distlstm.world import World
 
 
 def lr_lambda(optim_cfg, max_steps: int):
-    """Linear warmup, then cosine to min_lr_ratio at max_steps (or constant)."""
+    """Linear warmup, then cosine to min_lr_ratio at max_steps (or constant; plateau multiplies this)."""
     def factor(step: int) -> float:
         if optim_cfg.warmup_steps and step < optim_cfg.warmup_steps:
             return (step + 1) / optim_cfg.warmup_steps
-        if optim_cfg.schedule == "constant" or not max_steps:
+        if optim_cfg.schedule in ("constant", "plateau") or not max_steps:
             return 1.0
         progress = min(1.0, (step - optim_cfg.warmup_steps) / max(1, max_steps - optim_cfg.warmup_steps))
         return optim_cfg.min_lr_ratio + (1 - optim_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -34,14 +35,18 @@ def lr_lambda(optim_cfg, max_steps: int):
 
 
 def build_optimizer(model: nn.Module, optim_cfg, max_steps: int, device: torch.device):
-    """AdamW (fused: it takes the non-finite flag as a tensor, so skipping a bad step needs no host
-    sync) with weight decay on matrices only, and the warmup + cosine schedule."""
+    """optim.name (fused AdamW, Adam or SGD: each takes the non-finite flag as a tensor, so skipping a
+    bad step needs no host sync; see distlstm/optim.py) with weight decay on matrices only, and the
+    warmup + cosine / constant / plateau schedule."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                                  eps=optim_cfg.eps, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, max_steps))
+    optimizer = make_optimizer(groups, optim_cfg)
+    if optim_cfg.schedule == "plateau":
+        scheduler = PlateauSchedule(optimizer, lr_lambda(optim_cfg, max_steps), factor=optim_cfg.plateau_factor,
+                                    patience=optim_cfg.plateau_patience)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, max_steps))
     return optimizer, scheduler
 
 
@@ -96,6 +101,10 @@ class Trainer:
         self.item_sum = 0.0
         self.last_micro: list[Batch] = []
         self.flops_per_token = flops_per_token(unwrap(model))
+        if isinstance(scheduler, PlateauSchedule) and (valid_loader is None or not cfg.train.eval_every):
+            raise ConfigError("optim.schedule=plateau reduces the lr when the validation loss stalls, so it needs "
+                              "validation data (data.valid) and train.eval_every > 0; set them or use "
+                              "optim.schedule=constant|cosine")
 
     # ------------------------------------------------------------------ the step
     def train_step(self, micro_batches: list[Batch]) -> None:
@@ -188,6 +197,7 @@ class Trainer:
                 interval = _Interval()
             if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
                 result = self.evaluate()
+                self._observe_plateau(result)
             stop, due = self._agree_flags(last_save)
             if stop or due or (cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0):
                 self.save()
@@ -309,6 +319,17 @@ class Trainer:
         if self.reporter:
             self.reporter.log("valid", self.state.step, values)
         return {f"valid_{k}": v for k, v in values.items()}
+
+    def _observe_plateau(self, result: dict) -> None:
+        """optim.schedule=plateau: feed it the validation loss of a cadence evaluation (all ranks see
+        the same all-reduced loss, so they reduce together). The end-of-run evaluation is left out, so a
+        run resumed from its final checkpoint with a larger train.max_steps continues like a longer run."""
+        if isinstance(self.scheduler, PlateauSchedule) and "valid_loss" in result:
+            plateau = self.scheduler
+            if plateau.observe(result["valid_loss"]):
+                best = "no finite loss yet" if plateau.best is None else f"best {plateau.best:.4f}"
+                self.log(f"step {self.state.step}: validation loss {result['valid_loss']:.4f} ({best}), no new best "
+                         f"for {plateau.patience} evaluation(s): lr x {plateau.factor} -> {plateau.get_last_lr()[0]:.4g}")
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:

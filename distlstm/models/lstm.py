@@ -46,6 +46,7 @@ class SequenceModel(nn.Module):
         bidirectional: bool = False,
         proj_size: int = 0,
         tie_weights: bool = False,
+        embed_dropout: float = 0.0,
         num_targets: int = 1,
         vocab_size: int = 0,
         input_size: int = 0,
@@ -85,6 +86,9 @@ class SequenceModel(nn.Module):
             proj_size=proj_size,
         )
         self.dropout = nn.Dropout(dropout)
+        # On the LSTM's input (Zaremba et al. 2014 drop the embeddings too); dropout between layers is
+        # nn.LSTM's, and self.dropout acts before the head.
+        self.embed_dropout = nn.Dropout(embed_dropout)
         features = self.direction_size * self.num_directions
         num_outputs = self.spec.output_size(vocab_size=vocab_size, num_classes=num_classes, num_targets=num_targets)
         self.head = nn.Linear(features, num_outputs)
@@ -128,7 +132,7 @@ class SequenceModel(nn.Module):
         lengths_cpu: Tensor | None = None,
     ) -> tuple[Tensor, LstmState]:
         """Top-layer outputs `(B, T, D * directions)` (zero or junk beyond each length) and (h, c)."""
-        x = self.embedding(inputs) if self.embedding is not None else inputs
+        x = self.embed_dropout(self.embedding(inputs) if self.embedding is not None else inputs)
         if pack is None:
             # Unidirectional: step t only sees steps <= t, so trailing padding cannot reach any
             # real output, and pad + mask is ~1.8x faster than packing on cuDNN. Bidirectional:
@@ -194,6 +198,7 @@ def build_model(
         bidirectional=cfg.bidirectional,
         proj_size=cfg.proj_size,
         tie_weights=cfg.tie_weights,
+        embed_dropout=getattr(cfg, "embed_dropout", 0.0),
         num_targets=getattr(cfg, "num_targets", 1),
         vocab_size=cfg.vocab_size if vocab_size is None else vocab_size,
         input_size=cfg.input_size if input_size is None else input_size,
@@ -251,6 +256,7 @@ def _validate(
     bidirectional: bool,
     proj_size: int,
     tie_weights: bool,
+    embed_dropout: float,
     num_targets: int,
     vocab_size: int,
     input_size: int,
@@ -267,6 +273,8 @@ def _validate(
         raise ValueError(f"model.num_layers={num_layers} must be >= 1")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
+    if not 0.0 <= embed_dropout < 1.0:
+        raise ValueError(f"model.embed_dropout={embed_dropout} must be in [0, 1)")
     if proj_size < 0 or proj_size >= hidden_size:
         raise ValueError(
             f"model.proj_size={proj_size} must be < model.hidden_size={hidden_size} "
