@@ -187,3 +187,48 @@ def test_cli_help_and_tinyshakespeare(tmp_path):
     assert train["num_samples"] == _expected_lm_samples(len(text) - n_valid, 256)
     assert valid["num_samples"] == _expected_lm_samples(n_valid, 256)
     assert train["vocab_size"] == valid["vocab_size"] == len(set(text)) + 1 == 66
+
+
+def _textbook_words(path: Path) -> list[str]:
+    """How word-level corpora (PTB, WikiText) are read in the classic LM code: every line of the
+    file, split on whitespace, then <eos>."""
+    words = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            words += line.split() + ["<eos>"]
+    return words
+
+
+def test_whitespace_tokenizer_reads_pretokenised_corpora_like_the_textbook(tmp_path):
+    """A pre-tokenised corpus: whitespace splits, <eos> at every line end (blank lines too, and a last
+    line without a newline), a literal <unk> is id 0, and the ids decode back to the textbook stream."""
+    text = " the cat <unk> sat \n\nthe  dog\tsat on the <unk>\r\n a mat\nthe end"
+    (tmp_path / "w.txt").write_bytes(text.encode())
+    out = tmp_path / "o"
+    m = _run("--text", str(tmp_path / "w.txt"), "--tokenizer", "whitespace", "--seq-len", "4",
+             "--valid-fraction", "0", "--out", str(out))["train"]
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert vocab["tokenizer"] == "whitespace" and vocab["tokens"].count("<unk>") == 1 and vocab["tokens"][0] == "<unk>"
+    chunks = _rows(out / "train", "tokens")
+    ids = chunks[0] + [t for c in chunks[1:] for t in c[1:]]
+    words = ["the", "cat", "<unk>", "sat", "<eos>", "<eos>", "the", "dog", "sat", "on", "the", "<unk>", "<eos>",
+             "a", "mat", "<eos>", "the", "end", "<eos>"]
+    assert [vocab["tokens"][i] for i in ids] == words
+    assert m["vocab_size"] == len(vocab["tokens"]) == len(set(words))
+
+
+def test_whitespace_tokenizer_on_tinyshakespeare_matches_the_textbook_count(tmp_path):
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"{SHAKESPEARE} not present")
+    words = _textbook_words(SHAKESPEARE)
+    out = tmp_path / "w"
+    manifests = _run("--text", str(SHAKESPEARE), "--tokenizer", "whitespace", "--seq-len", "35", "--split", "tail",
+                     "--valid-fraction", "0.1", "--out", str(out))
+    train, valid = manifests["train"], manifests["valid"]
+    n_valid = round(len(words) * 0.1)
+    assert train["num_samples"] == _expected_lm_samples(len(words) - n_valid, 35)
+    assert valid["num_samples"] == _expected_lm_samples(n_valid, 35)
+    assert train["vocab_size"] == len(set(words)) + 1  # + id 0 (<unk>/pad); the text has no literal <unk>
+    vocab = json.loads((out / "vocab.json").read_text())["tokens"]
+    chunks = _rows(out / "valid", "tokens")
+    assert [vocab[i] for i in chunks[0] + [t for c in chunks[1:] for t in c[1:]]] == words[-n_valid:]

@@ -30,6 +30,8 @@ from distlstm.tasks import TASKS, get_task
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+UNK, EOS = "<unk>", "<eos>"
 _OUTPUTS = ("train", "valid", "vocab.json", "labels.json")
 
 EXAMPLES = """examples:
@@ -37,6 +39,8 @@ EXAMPLES = """examples:
   python -m distlstm.prep --text data/tinyshakespeare.txt --tokenizer char --seq-len 256 --out data/shakespeare
   # same, nanoGPT-style split (last 10%% of the text is the validation set), tar shards
   python -m distlstm.prep --text book.txt --split tail --valid-fraction 0.1 --format tar --out data/book
+  # word-level corpus distributed pre-tokenised (PTB, WikiText): split on whitespace, <eos> at each line end
+  python -m distlstm.prep --text ptb.train.txt --tokenizer whitespace --seq-len 35 --out data/ptb
   # sequence classification from JSONL: {"text": "...", "label": "positive"}
   python -m distlstm.prep --jsonl reviews.jsonl --tokens-field text --tokenizer word --label-field label \\
       --task classify --out data/reviews
@@ -67,9 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     task = p.add_argument_group("task and tokenisation")
     task.add_argument("--task", choices=TASKS,
                       help="what the labels are for; default lm for --text, required otherwise")
-    task.add_argument("--tokenizer", choices=("char", "word"), default="char",
+    task.add_argument("--tokenizer", choices=("char", "word", "whitespace"), default="char",
                       help="for text: char = every character is a token; word = words and punctuation "
-                      "(regex \\w+|[^\\w\\s]). Vocabulary ids start at 1, id 0 is <unk>/pad (default: char)")
+                      "(regex \\w+|[^\\w\\s]); whitespace = pre-tokenised text: split on whitespace, <eos> "
+                      "at the end of every line (as word-level corpora such as PTB and WikiText are "
+                      "distributed). Vocabulary ids start at 1, id 0 is <unk>/pad, and a literal <unk> in "
+                      "the text maps to it (default: char)")
     task.add_argument("--min-count", type=int, default=1, help="tokens seen fewer times map to <unk> (default: 1)")
     task.add_argument("--max-vocab", type=int, default=0, help="keep only the most frequent N tokens; 0 = all")
     task.add_argument("--seq-len", type=int, default=256, help="lm: tokens per training sequence; each sample "
@@ -143,6 +150,11 @@ def _check_args(a: argparse.Namespace) -> None:
 
 
 def _tokenize(text: str, tokenizer: str) -> list[str]:
+    if tokenizer == "whitespace":
+        lines = _LINE_BREAK.split(text)
+        if lines[-1] == "":
+            lines.pop()  # text that ends with a line break (or is empty) has no line after it
+        return [token for line in lines for token in line.split() + [EOS]]
     return list(text) if tokenizer == "char" else _WORD.findall(text)
 
 
@@ -259,10 +271,12 @@ def _survey(a) -> Survey:
                 if isinstance(value, int) and not isinstance(value, bool):
                     s.max_label = max(s.max_label, value)
     if s.counts:
-        ranked = sorted(((t, c) for t, c in s.counts.items() if c >= a.min_count), key=lambda tc: (-tc[1], tc[0]))
+        # A literal <unk> (pre-tokenised corpora mark rare words with it) is id 0, not a second entry.
+        ranked = sorted(((t, c) for t, c in s.counts.items() if c >= a.min_count and t != UNK),
+                        key=lambda tc: (-tc[1], tc[0]))
         if a.max_vocab:
             ranked = ranked[: a.max_vocab]
-        s.itos = ["<unk>"] + [t for t, _ in ranked]
+        s.itos = [UNK] + [t for t, _ in ranked]
     if s.labels:
         if s.max_label >= 0:
             _fail(f"labels in '{a.label_field}' mix integers and strings ({sorted(s.labels)[:3]}...); use one kind")
