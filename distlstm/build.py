@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distlstm.config import Config, ConfigError
+from distlstm.data.dims import DataDims
 from distlstm.data.index import DatasetIndex, default_cache_dir, open_index
 from distlstm.data.loader import BatchLoader, build_loader, plan_params
 from distlstm.data.plan import EpochPlan
@@ -66,7 +67,7 @@ def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Ca
     loaded, and there is no optimizer; the config must then already be resolved (a run's saved
     config is) or data.valid must carry the sizes in its manifest."""
     train_index, valid_index = index_data(cfg, world, group, log, train=training)
-    cfg = resolve_config(cfg, train_index if training else valid_index)
+    cfg = resolve_config(cfg, train_index if training else valid_index, valid_index=valid_index, log=log)
     _seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(device)
     log(f"model: {cfg.model.task}, {num_parameters(model):,} parameters")
@@ -117,7 +118,7 @@ def load_data(cfg: Config, log, *, train: bool = True) -> tuple[DatasetIndex | N
         log(f"data: embedded synthetic dataset in {root}")
         train_spec, valid_spec = str(root / "train"), valid_spec or str(root / "valid")
     kw = dict(fmt=d.format, sequence_column=d.sequence_column, label_column=d.label_column, cache_dir=cache,
-              storage_options=d.storage_options, retries=d.retries)
+              storage_options=d.storage_options, retries=d.retries, task=cfg.model.task)
     train_index = open_index(train_spec, **kw) if train else None
     valid_index = open_index(valid_spec, **kw) if valid_spec else None
     parts = []
@@ -148,26 +149,38 @@ def index_data(cfg: Config, world: World, group, log, *, train: bool = True):
 # ---------------------------------------------------------------------------------------------- config
 
 
-def resolve_config(cfg: Config, index: DatasetIndex | None) -> Config:
+def resolve_config(cfg: Config, index: DatasetIndex | None, *, valid_index: DatasetIndex | None = None,
+                   log: Callable[[str], Any] | None = None) -> Config:
     """`cfg` with `model.input` decided (auto -> features when the data has feature vectors) and the
-    sizes that come from the data (vocab, features, classes) filled in from the manifest, so that the
-    saved config rebuilds the same model. Errors name the key to set when a size is unknown."""
+    sizes that come from the data (vocab, features, classes) filled in, so that the saved config
+    rebuilds the same model: from the config, else the manifest, else (raw Parquet) the shards'
+    footers (`distlstm.data.dims`: the vocabulary spans `index` and `valid_index`). Errors name the
+    key to set when a size is unknown."""
     m = cfg.model
     task = get_task(m.task)
     dims = index.manifest.dims() if index is not None and index.manifest else {}
+    data = DataDims(index, valid_index)  # read lazily, only for sizes nothing else gives
     vocab_size = m.vocab_size or dims.get("vocab_size", 0)
     input_size = m.input_size or dims.get("input_size", 0)
+    if not input_size and m.input != "tokens" and not dims.get("vocab_size"):
+        input_size = data.input_size
     num_classes = m.num_classes or dims.get("num_classes", 0)
     model_input = m.input
     if model_input == "auto":
-        features = bool(dims.get("input_size")) or (index is not None and index.sequence_column == "features")
+        features = bool(input_size) or (index is not None and index.sequence_column == "features")
         model_input = "features" if features else "tokens"
     if model_input == "features" and not input_size:
-        raise ConfigError("model.input_size is unknown: the dataset has no manifest with input_size; set it")
+        raise ConfigError("model.input_size is unknown: the dataset has no manifest with input_size and its "
+                          "feature column is not a list of fixed_size_list; set --model.input_size")
     needs_vocab = model_input != "features" and not input_size or task.predicts_tokens
+    if needs_vocab and not vocab_size and data.vocab_size:
+        vocab_size = data.vocab_size
+        if log is not None:
+            log(f"model.vocab_size={vocab_size}: largest token id + 1 in the Parquet statistics of "
+                f"{data.num_shards} shard(s) (no manifest gives it; --model.vocab_size overrides it)")
     if needs_vocab and not vocab_size:
-        raise ConfigError("model.vocab_size is unknown: the dataset has no manifest with vocab_size; "
-                          "set --model.vocab_size (largest token id + 1)")
+        raise ConfigError("model.vocab_size is unknown: the dataset has no manifest with vocab_size and its "
+                          "shards have no token statistics; set --model.vocab_size (largest token id + 1)")
     if task.needs_classes and not num_classes:
         raise ConfigError("model.num_classes is unknown: the dataset has no manifest with num_classes; set it")
     model = dataclasses.replace(m, input=model_input, vocab_size=vocab_size, input_size=input_size,

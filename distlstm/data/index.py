@@ -127,10 +127,25 @@ def _shard_layout(url: str, fmt: str, column: str, cache: Path | None, storage_o
     return rows, lengths
 
 
+def _default_column(first_shard: str, fmt: str, storage_options, retries) -> str:
+    """'tokens', or 'features' for Parquet shards that have that column and no 'tokens'."""
+    if fmt == "parquet":
+        from distlstm.data.dims import parquet_column_names
+        try:
+            names = parquet_column_names(first_shard, storage_options=storage_options, retries=retries)
+        except Exception:  # noqa: BLE001 -- unreadable: indexing reports it, naming the shard
+            return "tokens"
+        if "tokens" not in names and "features" in names:
+            return "features"
+    return "tokens"
+
+
 def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label_column: str = "",
                cache_dir: str | Path | None = None, storage_options: dict | None = None,
-               retries: int = 3, progress=None) -> DatasetIndex:
-    """Index a split: a prepared dataset folder (with manifest.json), files, globs, brace ranges or URLs."""
+               retries: int = 3, progress=None, task: str | None = None) -> DatasetIndex:
+    """Index a split: a prepared dataset folder (with manifest.json), files, globs, brace ranges or URLs.
+    `task` (model.task) decides whether there is a label column at all: lm reads none, so a raw
+    Parquet file with only a token column is a complete lm dataset."""
     storage_options = dict(storage_options or {})
     manifest = Manifest.find(spec, storage_options=storage_options)
     shards = manifest.shard_urls() if manifest else expand_paths(spec, storage_options=storage_options)
@@ -138,9 +153,11 @@ def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label
         raise ValueError(f"no shards found for {redact(spec)}")
     known = manifest.format if manifest and manifest.format else "auto"
     formats = [shard_format(s, known if fmt == "auto" else fmt) for s in shards]
-    column = sequence_column or (manifest and manifest.sequence_column) or "tokens"
+    column = sequence_column or (manifest and manifest.sequence_column) or _default_column(
+        shards[0], formats[0], storage_options, retries)
     label = label_column or (manifest and manifest.label_column) or "label"
-    if manifest and manifest.task and not label_column and get_task(manifest.task).label_column is None:
+    unlabelled = [t for t in (task, manifest and manifest.task) if t and get_task(t).label_column is None]
+    if unlabelled and not label_column:
         label = None  # lm: the targets are the tokens themselves
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     chunk_shard, chunk_local, rows_all, lengths_all = [], [], [], []

@@ -1,0 +1,111 @@
+"""Model sizes read from raw Parquet shards, for datasets without a manifest that gives them.
+
+    vocab_size   largest token id + 1, from the row-group statistics of the sequence column (the
+                 footer only: no data is read)
+    input_size   the width F of a `list<fixed_size_list<float, F>>` feature column (the schema)
+
+Only the footers are read, on first use and only when neither the config nor a manifest gives the
+size (see `distlstm.build.resolve_config`), so a dataset with a manifest costs nothing here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distlstm.data.sources import open_file
+
+
+@contextlib.contextmanager
+def _parquet_footer(url: str, storage_options: dict | None, retries: int):
+    """A ParquetFile for its metadata and schema (a local path by name, anything else through fsspec)."""
+    local = url[len("file://"):] if url.startswith("file://") else url
+    if "://" not in local and not storage_options and os.path.isfile(local):
+        yield pq.ParquetFile(local)
+        return
+    with open_file(url, storage_options=storage_options, retries=retries) as f:
+        yield pq.ParquetFile(f)
+
+
+def parquet_column_names(url: str, *, storage_options: dict | None = None, retries: int = 3) -> list[str]:
+    with _parquet_footer(url, storage_options, retries) as pf:
+        return list(pf.schema_arrow.names)
+
+
+def fixed_feature_width(typ: pa.DataType) -> int:
+    """F for a `list<fixed_size_list<float, F>>` sequence type, else 0 (the width is not in the schema)."""
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        inner = typ.value_type
+        if pa.types.is_fixed_size_list(inner) and pa.types.is_floating(inner.value_type):
+            return int(inner.list_size)
+    return 0
+
+
+def max_token_id(pf: pq.ParquetFile, column: str) -> int | None:
+    """The largest value of integer list column `column` over all row groups, from the footer's
+    statistics; None when any row group has none (a writer that leaves them out) or the values
+    are not integers."""
+    typ = pf.schema_arrow.field(column).type
+    if not (pa.types.is_list(typ) or pa.types.is_large_list(typ)) or not pa.types.is_integer(typ.value_type):
+        return None
+    md = pf.metadata
+    leaf = [j for j in range(md.num_columns) if md.schema.column(j).path.startswith(column + ".")]
+    if len(leaf) != 1:
+        return None
+    best = -1
+    for i in range(md.num_row_groups):
+        chunk = md.row_group(i).column(leaf[0])
+        stats = chunk.statistics
+        if stats is None or not stats.has_min_max:
+            if chunk.num_values == 0 or (stats is not None and stats.null_count == chunk.num_values):
+                continue  # only empty lists or nulls in this row group: nothing to bound
+            return None
+        best = max(best, int(stats.max))
+    return best
+
+
+class DataDims:
+    """The sizes of `indexes` (one or more DatasetIndex of the same dataset's splits), each read once
+    on first use; 0 where the data does not tell (tar shards, missing statistics, plain lists)."""
+
+    def __init__(self, *indexes) -> None:
+        self.indexes = []
+        for ix in indexes:
+            if ix is not None and all(ix is not seen for seen in self.indexes):
+                self.indexes.append(ix)
+
+    def _parquet(self):
+        for ix in self.indexes:
+            for url, fmt in zip(ix.shards, ix.formats):
+                yield ix, url, fmt == "parquet"
+
+    @functools.cached_property
+    def input_size(self) -> int:
+        for ix, url, parquet in self._parquet():
+            if not parquet:
+                return 0
+            with _parquet_footer(url, ix.storage_options, ix.retries) as pf:
+                return fixed_feature_width(pf.schema_arrow.field(ix.sequence_column).type)
+        return 0
+
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        """Largest token id + 1 over every shard of every index; 0 if any shard cannot tell."""
+        largest = -1
+        for ix, url, parquet in self._parquet():
+            if not parquet:
+                return 0
+            with _parquet_footer(url, ix.storage_options, ix.retries) as pf:
+                found = max_token_id(pf, ix.sequence_column)
+            if found is None:
+                return 0
+            largest = max(largest, found)
+        return largest + 1 if largest >= 0 else 0
+
+    @property
+    def num_shards(self) -> int:
+        return sum(len(ix.shards) for ix in self.indexes)
