@@ -68,7 +68,10 @@ class PlateauSchedule(LambdaLR):
         # Apply at once: waiting for the next scheduler.step() would run one more step at the old lr.
         lrs = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
         for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)  # a tensor lr (capturable optimizers) is updated in place
+            else:
+                group["lr"] = lr
         self._last_lr = lrs
         return True
 

@@ -136,6 +136,7 @@ def test_a_skipped_first_step_leaves_sgd_momentum_clean(precision):
         assert torch.equal(p, q), n
 
 
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")  # no optimizer steps here
 def test_plateau_reduces_after_patience_evaluations_without_a_new_best():
     trainer = make_trainer(name="sgd", lr=2.0, weight_decay=0.0, schedule="plateau", plateau_factor=0.25,
                            plateau_patience=2, valid_loader=object())
@@ -154,6 +155,7 @@ def test_plateau_reduces_after_patience_evaluations_without_a_new_best():
     assert trainer.optimizer.param_groups[1]["lr"] == 0.03125
 
 
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")  # no optimizer steps here
 def test_plateau_keeps_warmup_and_its_state_survives_a_checkpoint_round_trip():
     """The scheduler's state goes into extra.json through the checkpoint codec: a fresh schedule
     loaded from it reduces at the same evaluations and gives the same lr at every step."""
