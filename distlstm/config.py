@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,9 +43,18 @@ def _check_choices(section: str, obj: Any) -> None:
             raise ConfigError(f"{section}.{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
 
 
+AUTO = "auto"
+CPU_MAX_TOKENS = 8192
+"""data.max_tokens = auto without a GPU: the default budget, sized for a laptop CPU."""
+IntOrAuto = int | Literal["auto"]
+"""An integer option that may also be "auto" (resolved once the device is known: distlstm/autotune.py)."""
+
+
 def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
+        if value == AUTO:
+            continue
         if not (value > 0 or (value == 0 and allow_zero)):  # also rejects nan
             need = ">= 0" if allow_zero else "> 0"
             raise ConfigError(f"{section}.{name}={value!r} must be {need}")
@@ -61,7 +71,9 @@ class DataConfig:
     sequence_column: str = opt("", "Parquet column holding each sample's sequence; empty = from the manifest, "
                                    "else 'tokens' or 'features'")
     label_column: str = opt("", "Parquet column holding the label/target; empty = from the manifest, else 'label'")
-    max_tokens: int = opt(8192, "token budget per batch: batch size x padded length stays below it")
+    max_tokens: IntOrAuto = opt(CPU_MAX_TOKENS, "token budget per batch: batch size x padded length stays below it; auto = "
+                                      "on CUDA the largest budget that fits the GPU's memory (a short probe, "
+                                      "logged), on CPU 8192")
     min_batch_size: int = opt(8, "batch-size floor for long buckets (an LSTM starves on tiny batches)")
     max_batch_size: int = opt(0, "batch-size cap; 0 = none")
     max_length: int = opt(1024, "longest sequence fed to the model; see data.too_long")
@@ -80,13 +92,17 @@ class DataConfig:
     retries: int = opt(3, "tries for a remote read before giving up")
     storage_options: dict = opt({}, "fsspec storage options for remote URLs (credentials are never logged)")
     synthetic_samples: int = opt(12000, "size of the embedded synthetic training set (when data.train is empty)")
+    shape_buckets: IntOrAuto = opt(AUTO, "bounded batch shapes: at most N distinct (batch size, padded length) "
+                                         "shapes per run (what CUDA graphs need), padding rows and lengths up to "
+                                         "them; 0 = pad each batch to its longest sample; auto = 64 when "
+                                         "train.cuda_graphs is on, else 0")
 
     def __post_init__(self) -> None:
         _check_choices("data", self)
         _positive("data", self, "max_tokens", "min_batch_size", "max_length", "window_chunks", "prefetch_factor",
                   "streams",
                   "retries", "synthetic_samples")
-        _positive("data", self, "max_batch_size", "num_workers", allow_zero=True)
+        _positive("data", self, "max_batch_size", "num_workers", "shape_buckets", allow_zero=True)
         if self.max_batch_size and self.max_batch_size < self.min_batch_size:
             raise ConfigError(f"data.max_batch_size={self.max_batch_size} is below "
                               f"data.min_batch_size={self.min_batch_size}")
@@ -189,10 +205,16 @@ class TrainConfig:
     timeout_s: float = opt(60.0, "process-group timeout: a dead rank makes the others exit after this long")
     max_bad_steps: int = opt(5, "stop after this many consecutive non-finite steps (fp16 overflow skips excluded)")
     threads: int = opt(0, "torch CPU threads per rank; 0 = torch's default")
+    cuda_graphs: str = opt("auto", "capture each batch shape's whole optimizer step in a CUDA graph and replay it "
+                                   "(no per-kernel launch cost); auto = on for CUDA with bounded shapes "
+                                   "(data.shape_buckets), a unidirectional model and bf16/fp32; off on CPU",
+                           ("auto", "on", "off"))
+    cuda_graph_limit: int = opt(128, "most CUDA graphs captured (one per micro-batch shape and role); steps of "
+                                     "other shapes run eagerly")
 
     def __post_init__(self) -> None:
         _check_choices("train", self)
-        _positive("train", self, "accum_steps", "timeout_s", "max_bad_steps")
+        _positive("train", self, "accum_steps", "timeout_s", "max_bad_steps", "cuda_graph_limit")
         _positive("train", self, "max_steps", "max_epochs", "eval_every", "eval_max_batches", "threads",
                   allow_zero=True)
         if self.max_steps == 0 and self.max_epochs == 0:
@@ -255,6 +277,15 @@ def _field_type(cls: type, name: str) -> type:
 
 def _coerce(key: str, value: Any, kind: type, from_cli: bool) -> Any:
     """Convert a TOML or command-line value to the field's type, or raise naming the key."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # IntOrAuto: a literal word or the type
+        words = [a for arg in typing.get_args(kind) if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
+        if value in words:
+            return value
+        (other,) = [arg for arg in typing.get_args(kind) if typing.get_origin(arg) is not Literal]
+        try:
+            return _coerce(key, value, other, from_cli)
+        except ConfigError:
+            raise ConfigError(f"{key}={value!r} is not an integer or {' or '.join(map(repr, words))}") from None
     if kind is bool:
         if isinstance(value, bool):
             return value

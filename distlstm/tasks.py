@@ -46,6 +46,8 @@ class Task:
     higher_is_better: ClassVar[bool] = False
     predicts_tokens: ClassVar[bool] = False
     """The output layer scores the vocabulary (lm), so it may share the embedding's weight."""
+    no_target: ClassVar[float] = IGNORE_INDEX
+    """Target of a row that carries no loss (a bounded-shape dummy row, docs/design.md)."""
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})"
@@ -84,9 +86,12 @@ class Task:
 
     # ---- training (torch)
     def item_count(self, batch: "Batch") -> int:
-        """What the loss is averaged over: samples, or real tokens with a target. Host-side."""
+        """What the loss is averaged over: samples, or real tokens with a target. Host-side: the
+        loader worker counts it (`batch.items`), so the training thread does no tensor work for it."""
         if batch.weight == 0:
             return 0
+        if batch.items >= 0:
+            return batch.items
         return int(batch.lengths.shape[0])
 
     def loss_and_metrics(self, outputs: Tensor, targets: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -101,11 +106,6 @@ class Task:
     def summary(self, loss_sum: float, count: float, metric_sum: float, *, num_targets: int = 1) -> dict[str, float]:
         """Evaluation values from sums over a whole split (all ranks)."""
         raise NotImplementedError
-
-
-def _count(n: int, like: Tensor) -> Tensor:
-    # torch.full launches a fill on the device; torch.tensor(n, device=...) would copy from host.
-    return torch.full((), n, dtype=torch.float32, device=like.device)
 
 
 def _float(outputs: Tensor) -> Tensor:
@@ -148,9 +148,10 @@ class Classify(Task):
 
     def loss_and_metrics(self, outputs, targets, lengths):
         outputs = _float(outputs)
-        loss = F.cross_entropy(outputs, targets, reduction="sum")
+        # cross_entropy skips targets equal to ignore_index: a dummy row adds nothing.
+        loss = F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         correct = (outputs.argmax(-1) == targets).sum(dtype=torch.float32)
-        return loss, _count(outputs.shape[0], outputs), {"correct": correct}
+        return loss, (targets != IGNORE_INDEX).sum(dtype=torch.float32), {"correct": correct}
 
     def summary(self, loss_sum, count, metric_sum, *, num_targets=1):
         n = max(count, 1.0)
@@ -162,6 +163,7 @@ class Regress(Task):
     tar_label = "target.npy"
     metric = "mse"
     metric_sum = "sq_err"
+    no_target = math.nan
 
     def output_size(self, *, vocab_size, num_classes, num_targets):
         return num_targets
@@ -194,8 +196,12 @@ class Regress(Task):
                 raise ValueError(f"regress targets have shape {tuple(targets.shape)}, outputs "
                                  f"{tuple(outputs.shape)}; set model.num_targets to the number of target columns")
             targets = targets.reshape(outputs.shape)
-        sq_err = (outputs - targets.to(outputs.dtype)).square().sum()
-        return sq_err, _count(outputs.shape[0], outputs), {"sq_err": sq_err.detach()}
+        real = ~torch.isnan(targets)
+        # where() routes no gradient to the masked entries, so a NaN target (no target) adds exactly 0.
+        residual = torch.where(real, outputs - targets.to(outputs.dtype), 0.0)
+        sq_err = residual.square().sum()
+        rows = real if real.dim() == 1 else real.all(-1)
+        return sq_err, rows.sum(dtype=torch.float32), {"sq_err": sq_err.detach()}
 
     def summary(self, loss_sum, count, metric_sum, *, num_targets=1):
         n = max(count, 1.0)
@@ -210,6 +216,8 @@ class _PerStep(Task):
     def item_count(self, batch):
         if batch.weight == 0:
             return 0
+        if batch.items >= 0:
+            return batch.items
         return int((batch.targets != IGNORE_INDEX).sum())
 
     def empty_targets(self, num_targets):

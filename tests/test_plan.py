@@ -4,6 +4,8 @@ A failure here means a multi-rank run trains on some samples twice or never in a
 different numbers of steps (a DDP hang at the end of an epoch), batches blow the token budget (GPU
 out of memory) or break the batch-size floor, every epoch sees the same order, two ranks compute
 different plans from the same seed, or a restart on another world size repeats or skips batches.
+With bounded shapes (data.shape_buckets), it also means a run would see more batch shapes than
+stated (more CUDA graphs than budgeted), pad beyond the stated bound, or break the token budget.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ def _real_ids(per_rank) -> np.ndarray:
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("too_long", ["truncate", "drop"])
-@pytest.mark.parametrize("streams", [1, 4])
-def test_every_sample_once_and_equal_steps(world, too_long, streams):
+@pytest.mark.parametrize("streams,shape_buckets", [(1, 0), (4, 0), (1, 16), (4, 16)])
+def test_every_sample_once_and_equal_steps(world, too_long, streams, shape_buckets):
     offsets, lengths = _dataset()
-    params = _params(too_long=too_long, streams=streams)
+    params = _params(too_long=too_long, streams=streams, shape_buckets=shape_buckets)
     for epoch in (0, 1):
         plan = EpochPlan(offsets, lengths, params, seed=11, epoch=epoch)
         per_rank = _rank_lists(plan, world)
@@ -107,9 +109,10 @@ def test_token_budget_and_batch_size_floor(max_tokens, min_bs, max_bs):
         assert floor_batches > 0, "the fixture should exercise the batch-size floor"
 
 
-def test_epochs_differ_and_same_seed_reproduces():
-    offsets, lengths = _dataset()
-    params = _params()
+@pytest.mark.parametrize("shape_buckets", [0, 16])
+def test_epochs_differ_and_same_seed_reproduces(shape_buckets):
+    offsets, lengths = _dataset(n_samples=20_000)
+    params = _params(shape_buckets=shape_buckets, max_tokens=1024)
 
     def flat(seed, epoch):
         plan = EpochPlan(offsets, lengths, params, seed=seed, epoch=epoch)
@@ -128,9 +131,10 @@ def test_epochs_differ_and_same_seed_reproduces():
     assert len(chunks_of_first) > 1
 
 
-def test_plan_independent_of_world_size():
+@pytest.mark.parametrize("shape_buckets", [0, 16])
+def test_plan_independent_of_world_size(shape_buckets):
     offsets, lengths = _dataset()
-    plan = EpochPlan(offsets, lengths, _params(), seed=1, epoch=0)
+    plan = EpochPlan(offsets, lengths, _params(shape_buckets=shape_buckets), seed=1, epoch=0)
     global_order = [plan.batch(g).tolist() for g in range(plan.num_batches)]
     for world in WORLD_SIZES:
         per_rank = _rank_lists(plan, world)
@@ -142,9 +146,10 @@ def test_plan_independent_of_world_size():
 
 
 @pytest.mark.parametrize("old_world,new_world", [(1, 3), (2, 1), (3, 8), (8, 2), (64, 3), (2, 64)])
-def test_resume_at_any_start_on_another_world_size(old_world, new_world):
+@pytest.mark.parametrize("shape_buckets", [0, 16])
+def test_resume_at_any_start_on_another_world_size(old_world, new_world, shape_buckets):
     offsets, lengths = _dataset(n_samples=3000)
-    params = _params()
+    params = _params(shape_buckets=shape_buckets, max_tokens=512)
     plan = EpochPlan(offsets, lengths, params, seed=9, epoch=4)
     G = plan.num_batches
     rounds = -(-G // old_world)
@@ -221,3 +226,76 @@ def test_streams_keep_each_rank_to_its_share_of_the_chunks(world, streams):
     default = EpochPlan(offsets, lengths, _params(window_chunks=4), seed=3, epoch=0)
     assert len({c for i in range(default.batches_per_rank(world))
                 for c in default.window_chunks(i * world).tolist()}) > 0.9 * n_chunks
+
+
+# ---------------------------------------------------------------- bounded shapes (data.shape_buckets)
+
+def _lognormal(n: int, rows_per_chunk: int, seed: int = 0):
+    """The GPU benchmark's distribution: log-normal lengths, median 200, sigma 0.8, clipped 8..1024."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.exp(rng.normal(np.log(200), 0.8, n)), 8, 1024).astype(np.int32)
+    return np.r_[np.arange(0, n, rows_per_chunk), n].astype(np.int64), lengths
+
+
+@pytest.mark.parametrize("max_tokens", [8192, 65536])
+def test_bounded_shapes_within_the_stated_bound_and_padding(max_tokens):
+    """The documented default (docs/design.md, "Bounded shapes"): data.shape_buckets = 64 gives at
+    most 64 distinct shapes, padding <= 4% on the benchmark distribution at a 64k budget, and every
+    batch keeps the token budget (above the batch-size floor)."""
+    offsets, lengths = _lognormal(80_000, 1024)
+    params = PlanParams(max_tokens=max_tokens, min_batch_size=8, shape_buckets=64)
+    for epoch in (0, 1):
+        plan = EpochPlan(offsets, lengths, params, seed=3, epoch=epoch)
+        assert len(plan.shapes) <= 64
+        batches = [plan.batch(g) for g in range(plan.num_batches)]
+        shapes = [plan.batch_shape(g) for g in range(plan.num_batches)]
+        assert set(shapes) <= set(plan.shapes)
+        for ids, (rows, length) in zip(batches, shapes):
+            assert 1 <= len(ids) <= rows and int(lengths[ids].max()) <= length
+            assert rows * length <= max_tokens or rows == params.min_batch_size
+        assert padding_fraction(lengths, batches, 1024, shapes) <= 0.04
+        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(len(lengths)))
+
+
+def test_bounded_only_the_last_batch_of_a_window_is_partial():
+    """Partial batches are what the loader fills with dummy rows: one per window at most."""
+    offsets, lengths = _dataset(n_samples=20_000, rows_per_chunk=200)
+    plan = EpochPlan(offsets, lengths, _params(shape_buckets=24, max_tokens=512), seed=5, epoch=0)
+    assert plan.num_windows > 1
+    partial_per_window = {}
+    for g in range(plan.num_batches):
+        rows, _ = plan.batch_shape(g)
+        w = plan._locate(g)[0]
+        partial_per_window[w] = partial_per_window.get(w, 0) + (len(plan.batch(g)) < rows)
+    assert max(partial_per_window.values()) <= 1
+    assert sum(partial_per_window.values()) >= 1, "the fixture should produce a partial batch"
+
+
+def test_bounded_shapes_depend_on_the_data_not_the_seed_or_epoch():
+    """The shape set is a pure function of the dataset's lengths and the parameters: the same on
+    every rank and epoch (a CUDA graph captured in epoch 0 is replayed in epoch 5); exact lengths
+    are used when the data has fewer distinct lengths than shape_buckets."""
+    offsets, lengths = _dataset()
+    params = _params(shape_buckets=20)
+    shapes = {tuple(EpochPlan(offsets, lengths, params, seed=s, epoch=e).shapes) for s in (1, 2) for e in (0, 3)}
+    assert len(shapes) == 1
+    (only,) = shapes
+    assert only[-1][1] == 1024, "the last length class ends at the longest (clipped) length"
+    few = np.array([16, 32, 32, 64, 16, 64] * 50, np.int32)
+    plan = EpochPlan(np.array([0, 150, 300], np.int64), few, _params(shape_buckets=20), seed=0, epoch=0)
+    assert [t for _, t in plan.shapes] == [16, 32, 64]
+
+
+def test_exact_shapes_keep_their_fingerprint():
+    """Adding shape_buckets must not change the fingerprint of exact-shape plans, or every
+    checkpoint saved before it would refuse to resume ("plan changed")."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+    exact = _params()
+    old_style = asdict(exact)
+    del old_style["shape_buckets"]
+    assert exact.fingerprint() == hashlib.sha256(json.dumps(old_style, sort_keys=True).encode()).hexdigest()[:16]
+    assert _params(shape_buckets=64).fingerprint() != exact.fingerprint()
+    with pytest.raises(ValueError, match="shape_buckets"):
+        _params(shape_buckets=-1)

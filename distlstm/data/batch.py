@@ -52,12 +52,30 @@ class Batch:
     """Global batches of `epoch` consumed once this batch is (the loader's resume position)."""
     num_skipped: int = 0
     """Bad samples left out of this batch (data.on_bad_sample=skip)."""
+    tokens: int = -1
+    """Real tokens (the real rows' lengths summed), counted by the loader worker so that the training
+    thread does no per-step tensor work; -1 = count on demand."""
+    items: int = -1
+    """What the loss is averaged over (tokens with a target for tag/lm, rows with a target
+    otherwise), counted by the loader worker; -1 = count on demand (trainer.item_count)."""
+    lengths_host: torch.Tensor | None = None
+    """`lengths` still on the host once `to()` moved the batch to a device (packing needs them)."""
 
     def _replace(self, fn) -> "Batch":
         return dataclasses.replace(self, inputs=fn(self.inputs), lengths=fn(self.lengths), targets=fn(self.targets))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return self._replace(lambda t: t.to(device, non_blocking=non_blocking))
+        moved = self._replace(lambda t: t.to(device, non_blocking=non_blocking))
+        if moved.lengths_host is None and self.lengths.device.type == "cpu":
+            moved.lengths_host = self.lengths
+        return moved
+
+    @property
+    def cpu_lengths(self) -> torch.Tensor:
+        """The lengths on the host (no device->host copy when the loader kept them)."""
+        if self.lengths.device.type == "cpu":
+            return self.lengths
+        return self.lengths_host if self.lengths_host is not None else self.lengths.cpu()
 
     def as_tensors(self) -> "Batch":
         """Workers build batches as numpy arrays (cheap to send between processes); the main
@@ -72,7 +90,8 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.lengths.sum())
+        """Real tokens; dummy rows (bounded shapes) do not count."""
+        return self.tokens if self.tokens >= 0 else int(self.lengths.sum())
 
     @property
     def padded_tokens(self) -> int:

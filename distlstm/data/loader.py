@@ -21,10 +21,12 @@ from numpy.lib.stride_tricks import sliding_window_view
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from distlstm.config import AUTO, CPU_MAX_TOKENS
 from distlstm.data.batch import Batch, Chunk
 from distlstm.data.errors import BadSampleError
 from distlstm.data.index import DatasetIndex
 from distlstm.data.plan import EpochPlan, PlanParams
+from distlstm.data.prefetch import prefetch_to_device
 from distlstm.tasks import Task, _per_sample_any, get_task
 
 STATE_VERSION = 1
@@ -115,8 +117,9 @@ class _Assembler:
         return win
 
     def __call__(self, ids: np.ndarray, *, weight: float, epoch: int, consumed: int,
-                 window: np.ndarray | None = None) -> Batch:
-        """Pad the samples `ids` (all from the plan window `window`) into a Batch."""
+                 window: np.ndarray | None = None, shape: tuple[int, int] | None = None) -> Batch:
+        """Pad the samples `ids` (all from the plan window `window`) into a Batch; with a bounded
+        `shape` (rows, length) pad to exactly that, filling missing rows with dummy rows."""
         win = self._window(window if window is not None else
                            np.unique(np.searchsorted(self.index.chunk_offsets, ids, side="right") - 1))
         pos = win.positions(ids)
@@ -131,9 +134,11 @@ class _Assembler:
                     skipped = int(bad.sum())
                 ids, pos = ids[~bad], pos[~bad]
         if len(pos) == 0:  # every sample was bad: a zero-weight stand-in keeps the step count equal on all ranks
-            return self._empty(epoch=epoch, consumed=consumed, skipped=skipped)
+            if shape is None:
+                return self._empty(epoch=epoch, consumed=consumed, skipped=skipped)
+            weight = 0.0
         lens = np.minimum(win.lens[pos], self.max_length)
-        T = int(lens.max())
+        T = int(lens.max()) if shape is None else max(shape[1], self.task.min_length)
         mask = np.arange(T) < lens[:, None]
         # One row copy per sample from the window's sliding view (no per-token index array); rows
         # run past a sample's end into its neighbours, and the mask zeroes those steps.
@@ -144,7 +149,12 @@ class _Assembler:
         # shared-memory segment each (about 1 ms per batch); numpy arrays travel inside the pickle.
         lens = lens.astype(np.int64)
         inputs, lens, y = self.task.batch_arrays(inputs, lens, win.labels, pos=pos, starts=starts, mask=mask)
-        return Batch(inputs, lens, y, ids.astype(np.int64), weight, epoch, consumed, skipped)
+        tokens = int(lens.sum())
+        items = tokens if self.task.per_step else len(lens)
+        ids = ids.astype(np.int64)
+        if shape is not None and shape[0] > len(ids):
+            inputs, lens, y, ids = _dummy_rows(shape[0] - len(ids), inputs, lens, y, ids, self.task.no_target)
+        return Batch(inputs, lens, y, ids, weight, epoch, consumed, skipped, tokens=tokens, items=items)
 
     def _empty(self, *, epoch: int, consumed: int, skipped: int) -> Batch:
         """A one-sample, zero-weight batch of the right types (every sample of a batch was bad)."""
@@ -158,6 +168,17 @@ class _Assembler:
         x = torch.zeros((1, 2, width) if width else (1, 2), dtype=torch.float32 if width else torch.int64)
         y = self.task.empty_targets(targets)
         return Batch(x, torch.tensor([2]), y, torch.tensor([-1]), 0.0, epoch, consumed, skipped)
+
+
+def _dummy_rows(n: int, inputs: np.ndarray, lens: np.ndarray, targets: np.ndarray, ids: np.ndarray,
+                no_target: float):
+    """Append `n` dummy rows (bounded shapes: a partial batch, or skipped samples, padded to the
+    plan's shape): zero inputs, length 1, no target (`Task.no_target`: -100, NaN for regression), id
+    -1. They carry no loss and no gradient, and count neither as tokens nor as items."""
+    return (np.concatenate([inputs, np.zeros((n,) + inputs.shape[1:], inputs.dtype)]),
+            np.concatenate([lens, np.ones(n, lens.dtype)]),
+            np.concatenate([targets, np.full((n,) + targets.shape[1:], no_target, targets.dtype)]),
+            np.concatenate([ids, np.full(n, -1, np.int64)]))
 
 
 class _Window:
@@ -246,9 +267,10 @@ class _Stream(IterableDataset):
             for i in range(plan.batches_per_rank(N, start)):
                 if k % workers == worker:
                     ids, filler = plan.rank_batch(i, dp_rank=self.dp_rank, dp_world_size=N, start=start)
+                    g = start + self.dp_rank + i * N
                     yield self.assembler(ids, weight=0.0 if filler else 1.0, epoch=epoch,
-                                         consumed=start + (i + 1) * N,
-                                         window=plan.window_chunks(start + self.dp_rank + i * N))
+                                         consumed=start + (i + 1) * N, window=plan.window_chunks(g),
+                                         shape=plan.batch_shape(g))
                 k += 1
             epoch, start = epoch + 1, 0
 
@@ -259,13 +281,16 @@ class BatchLoader:
     def __init__(self, index: DatasetIndex, params: PlanParams, *, task: str, seed: int, dp_rank: int,
                  dp_world_size: int, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
                  max_epochs: int = 0, vocab_size: int = 0, num_classes: int = 0, on_bad_sample: str = "error",
-                 quarantine: Path | None = None, agree: Callable[[int], bool] | None = None):
+                 quarantine: Path | None = None, agree: Callable[[int], bool] | None = None,
+                 device: torch.device | None = None):
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank={dp_rank} outside dp_world_size={dp_world_size}")
         self.index, self.params, self.seed = index, params, seed
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_epochs, self.agree = max_epochs, agree
+        self.device = device
+        """Set: batches arrive on this device, copied one batch ahead (distlstm/data/prefetch.py)."""
         self.assembler = _Assembler(index, task=task, max_length=params.max_length, vocab_size=vocab_size,
                                     num_classes=num_classes, on_bad_sample=on_bad_sample, quarantine=quarantine)
         # Windows a worker holds at once: one per stream it reads (streams / (ranks x workers)).
@@ -300,6 +325,9 @@ class BatchLoader:
                                       generator=torch.Generator().manual_seed(self.seed)))
         else:  # in-process: the DataLoader would only add per-batch overhead
             batches = (b.pin_memory() if self.pin_memory else b for b in iter(stream))
+        source = batches
+        if self.device is not None:
+            batches = prefetch_to_device(batches, self.device)
         checked = None
         try:
             for batch in batches:
@@ -317,7 +345,9 @@ class BatchLoader:
         finally:
             # Stop the workers now. After a worker error the exception's traceback keeps the
             # DataLoader iterator alive, and its delayed shutdown waits 5 s per worker.
-            shutdown = getattr(batches, "_shutdown_workers", None)
+            if batches is not source:
+                batches.close()
+            shutdown = getattr(source, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
 
@@ -353,19 +383,24 @@ class BatchLoader:
 
 
 def plan_params(data_cfg, *, shuffle: bool = True) -> PlanParams:
-    return PlanParams(max_tokens=data_cfg.max_tokens, min_batch_size=data_cfg.min_batch_size,
+    """The plan parameters of a `[data]` config. "auto" values that were not resolved for a device
+    (distlstm/autotune.py) take their CPU meaning: max_tokens 8192, exact shapes."""
+    max_tokens = CPU_MAX_TOKENS if data_cfg.max_tokens == AUTO else data_cfg.max_tokens
+    shape_buckets = 0 if data_cfg.shape_buckets == AUTO else data_cfg.shape_buckets
+    return PlanParams(max_tokens=max_tokens, min_batch_size=data_cfg.min_batch_size,
                       max_batch_size=data_cfg.max_batch_size, max_length=data_cfg.max_length,
                       too_long=data_cfg.too_long, window_chunks=data_cfg.window_chunks, shuffle=shuffle,
-                      streams=data_cfg.streams)
+                      streams=data_cfg.streams, shape_buckets=shape_buckets)
 
 
 def build_loader(index: DatasetIndex, data_cfg, *, task: str, dp_rank: int, dp_world_size: int,
                  vocab_size: int, num_classes: int, pin_memory: bool, run_dir: Path | None,
-                 agree=None, shuffle: bool = True, max_epochs: int = 0, num_workers: int | None = None) -> BatchLoader:
+                 agree=None, shuffle: bool = True, max_epochs: int = 0, num_workers: int | None = None,
+                 device: torch.device | None = None) -> BatchLoader:
     params = plan_params(data_cfg, shuffle=shuffle)
     quarantine = run_dir / "quarantine" / f"rank{dp_rank:05d}.jsonl" if run_dir else None
     return BatchLoader(index, params, task=task, seed=data_cfg.seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
                        num_workers=data_cfg.num_workers if num_workers is None else num_workers,
                        prefetch_factor=data_cfg.prefetch_factor, pin_memory=pin_memory, max_epochs=max_epochs,
                        vocab_size=vocab_size, num_classes=num_classes, on_bad_sample=data_cfg.on_bad_sample,
-                       quarantine=quarantine, agree=agree)
+                       quarantine=quarantine, agree=agree, device=device)

@@ -11,6 +11,11 @@ One epoch, step by step:
 4. batch order is shuffled within the window. The concatenation over windows is the epoch's list of
    *global* batches; it does not depend on the world size.
 
+With `shape_buckets = N > 0` (bounded shapes, distlstm/data/shapes.py) step 3 pads every batch to
+one of at most N (rows, length) shapes instead: full batches class by class, the leftovers of a
+length class moving up to the next, one partial batch per window (the loader fills it with dummy
+rows), and windows grown to at least `shapes.MIN_WINDOW_BATCHES` batches of tokens.
+
 Rank `r` of `N`, resuming at global batch `start`, takes `start + r, start + r + N, ...`. When fewer
 than `N` batches remain in the last round, the ranks without one get a *filler* (a copy of the
 epoch's last batch with weight 0), so every rank runs `ceil((G - start) / N)` steps and DDP never
@@ -28,6 +33,8 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
+
+from distlstm.data import shapes as bounded
 
 # Geometric bucket edges: a bucket spans lengths (edge[k-1], edge[k]]. 5% steps keep the worst-case
 # padding inside a bucket small, and sorting inside the window makes the typical case far smaller.
@@ -47,15 +54,22 @@ class PlanParams:
     window_chunks: int = 16
     shuffle: bool = True
     streams: int = 1
+    shape_buckets: int = 0
+    """0: pad each batch to its longest sample; N: at most N distinct batch shapes (module docstring)."""
 
     def __post_init__(self) -> None:
         if self.too_long not in ("truncate", "drop", "error"):
             raise ValueError(f"too_long={self.too_long!r}; choose truncate, drop or error")
         if min(self.max_tokens, self.min_batch_size, self.max_length, self.window_chunks, self.streams) < 1:
             raise ValueError(f"plan parameters must be positive: {self}")
+        if self.shape_buckets < 0:
+            raise ValueError(f"shape_buckets={self.shape_buckets} must be >= 0")
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if not fields["shape_buckets"]:  # exact shapes keep the fingerprint checkpoints were saved with
+            del fields["shape_buckets"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def bucket_edges(max_length: int) -> np.ndarray:
@@ -94,16 +108,24 @@ class EpochPlan:
         self.params, self.seed, self.epoch = params, seed, epoch
         self._offsets = np.asarray(chunk_offsets, dtype=np.int64)
         self._lengths = lengths
-        self._edges = bucket_edges(params.max_length)
+        self.bounded = params.shape_buckets > 0
+        kept = self._kept_lengths() if self.bounded else None
+        self._edges = (bounded.shape_lengths(kept[kept > 0], params.shape_buckets) if self.bounded
+                       else bucket_edges(params.max_length))
         self._sizes = bucket_batch_sizes(self._edges, params)
         # Bucket of every possible (clipped) length: a gather instead of a search per sample.
         self._bucket_of = np.searchsorted(self._edges, np.arange(params.max_length + 1)).astype(np.int64)
         n_chunks = len(self._offsets) - 1
         order = _rng(seed, epoch, 0).permutation(n_chunks) if params.shuffle else np.arange(n_chunks)
-        self._windows = [order[i:i + params.window_chunks] for i in range(0, n_chunks, params.window_chunks)]
+        if self.bounded:
+            csum = np.concatenate([[0], np.cumsum(kept)])
+            self._windows = _token_windows(order, csum[self._offsets[1:]] - csum[self._offsets[:-1]],
+                                           params.window_chunks, bounded.window_token_floor(params.max_tokens))
+        else:
+            self._windows = [order[i:i + params.window_chunks] for i in range(0, n_chunks, params.window_chunks)]
         counts = np.array([self._count_batches(w) for w in range(len(self._windows))], dtype=np.int64)
         self._window_start = np.concatenate([[0], np.cumsum(counts)])
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = OrderedDict()
         self._g_window = self._g_local = None
         if params.streams > 1:
             self._interleave(counts)
@@ -133,6 +155,15 @@ class EpochPlan:
     def num_batches(self) -> int:
         return int(self._window_start[-1])
 
+    def _kept_lengths(self) -> np.ndarray:
+        """Every sample's length as batched: clipped to max_length, 0 where too_long=drop drops it;
+        at least 1 (an empty sample is the loader's to report, not a zero-length shape)."""
+        lens = np.asarray(self._lengths).astype(np.int64)
+        kept = np.clip(lens, 1, self.params.max_length)
+        if self.params.too_long == "drop":
+            kept[lens > self.params.max_length] = 0
+        return kept
+
     def _window_samples(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         chunks = self._windows[w]
         ids = _segments(self._offsets[chunks], self._offsets[chunks + 1] - self._offsets[chunks])
@@ -149,12 +180,14 @@ class EpochPlan:
     def _count_batches(self, w: int) -> int:
         _, lens = self._window_samples(w)
         per_bucket = np.bincount(self._bucket_of[lens], minlength=len(self._edges))
+        if self.bounded:
+            return bounded.count_batches(per_bucket, self._sizes)
         return int((-(-per_bucket // self._sizes)).sum())
 
     def window_batches(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(batch_offsets, sample_ids) of window `w`; batch b is sample_ids[offsets[b]:offsets[b+1]]."""
         if w in self._cache:
-            return self._cache[w]
+            return self._cache[w][:2]
         ids, lens = self._window_samples(w)
         rng = _rng(self.seed, self.epoch, 1, w)
         if self.params.shuffle:  # random order, then a stable sort by length: random tie-break
@@ -164,19 +197,29 @@ class EpochPlan:
         key = lens.astype(np.uint16) if self.params.max_length < 1 << 16 else lens
         order = np.argsort(key, kind="stable")
         ids, buckets = ids[order], self._bucket_of[lens[order]]
+        classes = None
+        if self.bounded:
+            sizes, classes = bounded.cut_sorted(np.bincount(buckets, minlength=len(self._edges)), self._sizes)
+            starts = np.cumsum(sizes) - sizes
+        else:
+            starts, sizes = self._cut_buckets(ids, buckets)
+        perm = rng.permutation(len(starts)) if self.params.shuffle else np.arange(len(starts))
+        sample_ids = ids[_segments(starts[perm], sizes[perm])]
+        offsets = np.concatenate([[0], np.cumsum(sizes[perm])]).astype(np.int64)
+        self._cache[w] = (offsets, sample_ids, None if classes is None else classes[perm])
+        while len(self._cache) > self.params.streams:  # one window per stream in use
+            self._cache.popitem(last=False)
+        return offsets, sample_ids
+
+    def _cut_buckets(self, ids: np.ndarray, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start, size) of each batch over length-sorted samples: within each bucket, batches of
+        the bucket's size (the last one of a bucket may be smaller)."""
         # Position of each sample within its bucket -> batch number within the bucket.
         per_bucket = np.bincount(buckets, minlength=len(self._edges))
         first = (np.cumsum(per_bucket) - per_bucket)[buckets]
         batch_key = buckets * (len(ids) + 1) + (np.arange(len(ids)) - first) // self._sizes[buckets]
         starts = np.flatnonzero(np.r_[True, batch_key[1:] != batch_key[:-1]]) if len(ids) else np.zeros(0, np.int64)
-        sizes = np.diff(np.r_[starts, len(ids)])
-        perm = rng.permutation(len(starts)) if self.params.shuffle else np.arange(len(starts))
-        sample_ids = ids[_segments(starts[perm], sizes[perm])]
-        offsets = np.concatenate([[0], np.cumsum(sizes[perm])]).astype(np.int64)
-        self._cache[w] = (offsets, sample_ids)
-        while len(self._cache) > self.params.streams:  # one window per stream in use
-            self._cache.popitem(last=False)
-        return offsets, sample_ids
+        return starts, np.diff(np.r_[starts, len(ids)])
 
     def batch(self, g: int) -> np.ndarray:
         """Sample ids of global batch `g`."""
@@ -185,6 +228,21 @@ class EpochPlan:
         w, b = self._locate(g)
         offsets, ids = self.window_batches(w)
         return ids[offsets[b]:offsets[b + 1]]
+
+    def batch_shape(self, g: int) -> tuple[int, int] | None:
+        """(rows, padded length) of global batch `g` with bounded shapes (a filler's is the last
+        batch's); None with exact shapes (the loader pads to the longest sample)."""
+        if not self.bounded:
+            return None
+        w, b = self._locate(min(g, self.num_batches - 1))
+        self.window_batches(w)
+        k = int(self._cache[w][2][b])
+        return int(self._sizes[k]), int(self._edges[k])
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, padded length) a batch of this plan can have (bounded shapes; else [])."""
+        return [(int(b), int(t)) for b, t in zip(self._sizes, self._edges)] if self.bounded else []
 
     def window_chunks(self, g: int) -> np.ndarray:
         """Chunk ids of the window holding global batch `g` (a filler's is the last window)."""
@@ -205,11 +263,27 @@ class EpochPlan:
             yield self.rank_batch(i, dp_rank=dp_rank, dp_world_size=dp_world_size, start=start)
 
 
-def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray], max_length: int) -> float:
-    """1 - real tokens / padded tokens over `batches` (lists of sample ids)."""
+def _token_windows(order: np.ndarray, chunk_tokens: np.ndarray, min_chunks: int, min_tokens: int) -> list[np.ndarray]:
+    """Consecutive runs of `order` with at least `min_chunks` chunks and `min_tokens` tokens each; a
+    tail with less than half of `min_tokens` joins the window before it."""
+    cum = np.concatenate([[0], np.cumsum(chunk_tokens[order])])
+    windows, start, n = [], 0, len(order)
+    while start < n:
+        end = min(n, max(start + min_chunks, int(np.searchsorted(cum, cum[start] + min_tokens, side="left"))))
+        windows.append(order[start:end])
+        start = end
+    if len(windows) > 1 and cum[n] - cum[n - len(windows[-1])] < min_tokens // 2:
+        windows[-2:] = [np.concatenate(windows[-2:])]
+    return windows
+
+
+def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray], max_length: int,
+                     shapes: list[tuple[int, int]] | None = None) -> float:
+    """1 - real tokens / padded tokens over `batches` (lists of sample ids); with bounded shapes pass
+    each batch's (rows, length) as `shapes` (dummy rows and padded lengths count as padding)."""
     real = padded = 0
-    for ids in batches:
+    for i, ids in enumerate(batches):
         lens = np.minimum(lengths[ids], max_length)
         real += int(lens.sum())
-        padded += int(lens.max()) * len(ids)
+        padded += shapes[i][0] * shapes[i][1] if shapes else int(lens.max()) * len(ids)
     return 1.0 - real / max(padded, 1)

@@ -176,8 +176,9 @@ def loss_and_metrics(
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Loss SUMMED over real items, the item count and summed metrics: `Task.loss_and_metrics`.
 
-    Items: samples for classify/regress; tokens with target != -100 and position < length for
-    tag/lm. The trainer divides the sum by the global item count of the whole optimizer step.
+    Items: samples with a target for classify/regress; tokens with target != -100 and position <
+    length for tag/lm; a row without a target (a bounded-shape dummy row) carries nothing. The
+    trainer divides the sum by the global item count of the whole optimizer step.
     """
     return get_task(task).loss_and_metrics(outputs, targets, lengths)
 
