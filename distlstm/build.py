@@ -24,12 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distlstm.autotune import resolve_auto
 from distlstm.config import Config, ConfigError
 from distlstm.data.dims import DataDims
 from distlstm.data.index import DatasetIndex, default_cache_dir, open_index
 from distlstm.data.loader import BatchLoader, build_loader, plan_params
 from distlstm.data.plan import EpochPlan
 from distlstm.data.sources import redact
+from distlstm.graphs import use_training_stream
 from distlstm.models.lstm import SequenceModel, build_model, num_parameters
 from distlstm.parallel import AmpPolicy, all_reduce_host, apply_ddp
 from distlstm.tasks import Task, get_task
@@ -71,6 +73,13 @@ def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Ca
     _seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(device)
     log(f"model: {cfg.model.task}, {num_parameters(model):,} parameters")
+    amp = AmpPolicy(cfg.train.precision, device)
+    if training:
+        # train.cuda_graphs, data.shape_buckets, data.max_tokens = auto: resolved for this device.
+        cfg = resolve_auto(cfg, device=device, model=model, amp=amp, group=group if world.is_distributed else None,
+                           run_dir=run_dir, log=log)
+        if cfg.train.cuda_graphs == "on":
+            use_training_stream(device)  # before DDP: its gradient hooks belong to the stream it is built on
     # Each rank gets its own dropout stream; DDP broadcasts rank 0's initial weights.
     torch.manual_seed(cfg.train.seed + 1000 * world.rank)
     ddp_model = apply_ddp(model, world, device) if training else model
@@ -78,7 +87,6 @@ def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Ca
     if training:
         from distlstm.trainer import build_optimizer
         optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps(cfg, train_index, world), device)
-    amp = AmpPolicy(cfg.train.precision, device)
     train_loader, valid_loader = build_loaders(cfg, world, device, group, run_dir, train_index, valid_index)
     return Run(cfg=cfg, world=world, device=device, group=group, model=model, ddp_model=ddp_model, amp=amp,
                train_index=train_index, valid_index=valid_index, train_loader=train_loader,
@@ -94,8 +102,10 @@ def build_loaders(cfg: Config, world: World, device: torch.device, group, run_di
         return -lo == hi == value
 
     m = cfg.model
+    # On a GPU the batches arrive on it, copied one step ahead (distlstm/data/prefetch.py).
     kw = dict(task=m.task, dp_rank=world.rank, dp_world_size=world.world_size, vocab_size=m.vocab_size,
-              num_classes=m.num_classes, pin_memory=device.type == "cuda", run_dir=run_dir)
+              num_classes=m.num_classes, pin_memory=device.type == "cuda", run_dir=run_dir,
+              device=device if device.type == "cuda" else None)
     train = build_loader(train_index, cfg.data, agree=agree if world.is_distributed else None,
                          max_epochs=cfg.train.max_epochs, **kw) if train_index is not None else None
     valid = build_loader(valid_index, cfg.data, shuffle=False, max_epochs=1, num_workers=0,

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from distlstm.build import build_run, total_steps  # noqa: F401 (total_steps: public here too)
 from distlstm.config import Config, ConfigError, help_text, load_config, to_toml
 from distlstm.data.sources import redact
+from distlstm.graphs import StepGraphs
 from distlstm.metrics import Reporter
 from distlstm.parallel import control_group, unwrap
 from distlstm.trainer import Trainer
@@ -133,6 +134,8 @@ def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:
                       amp=built.amp, device=device, train_loader=built.train_loader,
                       valid_loader=built.valid_loader, control_group=group, checkpoints=checkpoints,
                       preempt=preempt, run_dir=run_dir, log=log)
+    if cfg.train.cuda_graphs == "on":
+        trainer.graphs = StepGraphs(trainer, limit=cfg.train.cuda_graph_limit, log=log)
     resume(cfg, trainer, checkpoints, log)
     total = cfg.train.max_steps or None
     trainer.reporter = Reporter(run_dir, enabled=world.is_leader, total_steps=total, progress=cfg.log.progress,
@@ -145,6 +148,8 @@ def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:
     finally:
         trainer.reporter.close()
         preempt.uninstall()
+    if trainer.graphs is not None:
+        log(trainer.graphs.summary())
     if result["stopped"] == "preempted":
         why = preempt.signal_name or "another rank was signalled"
         log(f"preempted ({why}): checkpoint committed at step {result['step']}")

@@ -105,13 +105,18 @@ class Trainer:
             raise ConfigError("optim.schedule=plateau reduces the lr when the validation loss stalls, so it needs "
                               "validation data (data.valid) and train.eval_every > 0; set them or use "
                               "optim.schedule=constant|cosine")
+        self.graphs = None
+        """A distlstm.graphs.StepGraphs when train.cuda_graphs is on: it runs the steps it can replay."""
 
     # ------------------------------------------------------------------ the step
     def train_step(self, micro_batches: list[Batch]) -> None:
         """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
+        if self.graphs is not None and self.graphs.step(micro_batches):
+            return  # replayed as CUDA graphs: the same work as below (distlstm/graphs.py)
         self.forward_backward(micro_batches)
         self._optimizer_step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # Captured graphs hold the gradient tensors' addresses: zero them, never free them.
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
 
     def forward_backward(self, micro_batches: list[Batch]) -> None:
         """Accumulate the step's gradient: d(sum of losses / global item count)/d(params)."""
@@ -127,7 +132,7 @@ class Trainer:
             batch = host_batch.to(self.device, non_blocking=True)
             with no_sync(model, skip=i < len(micro_batches) - 1):
                 with amp.autocast():
-                    outputs = model(batch.inputs, batch.lengths, lengths_cpu=host_batch.lengths)
+                    outputs = model(batch.inputs, batch.lengths, lengths_cpu=host_batch.cpu_lengths)
                 loss_sum, _, _ = self.task.loss_and_metrics(outputs, batch.targets, batch.lengths)
                 loss = loss_sum * (scale * batch.weight)
                 (amp.scaler.scale(loss) if amp.scaler else loss).backward()
@@ -155,16 +160,23 @@ class Trainer:
             self.bad_run = torch.zeros_like(self.bad_run)
             self.scheduler.step()
             return
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+        self.guarded_update()
+        # Advances here; _flush_counters takes the skipped steps back off the schedule.
+        self.scheduler.step()
+
+    def guarded_update(self) -> None:
+        """Clip, then the fused optimizer (optim.name), which skips the update on the device when the
+        gradient is not finite. Device work only, every counter updated in place: a CUDA graph
+        captures it as is."""
+        clip = self.cfg.optim.grad_clip or float("inf")
+        self.grad_norm.copy_(torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True))
         bad = (~torch.isfinite(self.grad_norm)).float()
-        # Fused AdamW skips the update where found_inf is set, without the host knowing.
+        # The fused optimizer skips the update where found_inf is set, without the host knowing.
         self.optimizer.found_inf, self.optimizer.grad_scale = bad, None
         self.optimizer.step()
         del self.optimizer.found_inf, self.optimizer.grad_scale
-        self.bad_run = (self.bad_run + bad) * bad
-        self.skipped_dev += bad
-        # Advances here; _flush_counters takes the skipped steps back off the schedule.
-        self.scheduler.step()
+        self.bad_run.add_(bad).mul_(bad)
+        self.skipped_dev.add_(bad)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -239,7 +251,9 @@ class Trainer:
         path.parent.mkdir(exist_ok=True)
         by_epoch: dict[int, list[str]] = {}
         for b in micro:
-            by_epoch.setdefault(b.epoch, []).extend(str(i) for i in (b.sample_ids.tolist() if b.weight else []))
+            # Dummy rows (bounded shapes) have id -1: not samples.
+            by_epoch.setdefault(b.epoch, []).extend(str(i) for i in (b.sample_ids.tolist() if b.weight else [])
+                                                    if i >= 0)
         with open(path, "a") as f:
             for epoch, ids in by_epoch.items():
                 if ids or epoch == micro[-1].epoch:
@@ -392,7 +406,7 @@ def evaluate_model(model: nn.Module, loader, *, amp: AmpPolicy, device: torch.de
         batches += 1
         batch_dev = batch.to(device, non_blocking=True)
         with amp.autocast():
-            out = model(batch_dev.inputs, batch_dev.lengths, lengths_cpu=batch.lengths)
+            out = model(batch_dev.inputs, batch_dev.lengths, lengths_cpu=batch.cpu_lengths)
         loss, count, metrics = task.loss_and_metrics(out, batch_dev.targets, batch_dev.lengths)
         metric = metrics[task.metric_sum] if task.metric_sum else torch.zeros((), device=device)
         sums += torch.stack([loss.double(), count.double(), metric.double()]) * batch.weight

@@ -1,0 +1,257 @@
+"""CUDA graphs for the training step (`train.cuda_graphs`).
+
+An LSTM step on a GPU is thousands of small kernels (cuDNN runs the recurrence step by step), so
+an eager step is bound by the host launching them. With bounded batch shapes (data.shape_buckets)
+a run sees a few dozen shapes; `StepGraphs` captures each shape's step once and then replays it: one
+launch per step instead of thousands.
+
+What one graph holds (per micro-batch shape and role):
+- every micro-batch but the last: forward, masked loss (scaled by the step's global item count),
+  backward accumulating into the gradients, under DDP's no_sync;
+- the last (with accum_steps=1, the whole step): the same, with DDP's gradient all-reduce, then
+  clipping, the non-finite guard and fused AdamW (`Trainer.guarded_update`), and zeroing the
+  gradients for the next step.
+The LR schedule stays on the host: each replay first writes the group's LR into a device tensor the
+captured AdamW reads; likewise the per-micro-batch loss scale. Inputs are copied into static
+buffers (device to device: the loader already put the batch on the GPU).
+
+Memory rules that make replays safe, in any order, from one shared memory pool: everything that
+outlives a replay (parameters, gradients, optimizer state, the trainer's loss/grad-norm/bad-step
+tensors, static inputs) is allocated outside the graphs and updated in place inside them; the
+graph pool only ever holds a step's intermediates. Hence gradients are zeroed, never set to None,
+while graphs are on.
+
+When a step runs eagerly instead: a shape seen for the first time (its eager run is the warm-up:
+cuDNN/cuBLAS state, optimizer state, DDP's bucket rebuild), DDP's first 11 iterations (the PyTorch
+recipe for capturing DDP), the graph limit reached, or any rank not ready. Ranks agree on that
+each step with one host all-reduce on the gloo control group, so a step is either graphs on every
+rank or eager on every rank (NCCL all-reduces then match in kind and order).
+
+Capture needs the whole run on one non-default stream (DDP's retained AccumulateGrad nodes belong
+to the stream DDP was built on): `use_training_stream` sets it before the model is wrapped. See
+docs/design.md, "CUDA graphs", for what the PyTorch issues say about cuDNN RNNs and DDP in graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from distlstm.config import ConfigError
+from distlstm.parallel import all_reduce_host, no_sync, unwrap
+
+DDP_WARMUP_STEPS = 11
+"""Eager DDP iterations before the first capture (PyTorch's CUDA graphs notes, "Usage with
+DistributedDataParallel"): DDP rebuilds its buckets and samples runtime statistics early on."""
+
+
+def graphs_decision(cfg, device: torch.device) -> tuple[bool, str]:
+    """(use CUDA graphs, why) for `train.cuda_graphs` auto|on|off; `on` where graphs cannot work
+    raises ConfigError naming the setting at fault."""
+    mode, t = cfg.train.cuda_graphs, cfg.train
+
+    def refuse(why: str, fix: str) -> tuple[bool, str]:
+        if mode == "on":
+            raise ConfigError(f"train.cuda_graphs=on {why}; {fix}, or set --train.cuda_graphs auto|off")
+        return False, why
+
+    if mode == "off":
+        return False, "train.cuda_graphs=off"
+    if device.type != "cuda":
+        return refuse(f"needs a CUDA device (the device is {device.type})", "run on a GPU")
+    if t.precision == "fp16":
+        return refuse("does not support train.precision=fp16 (the GradScaler decides on the host whether a "
+                      "step is skipped, one sync per step)", "use --train.precision bf16 (no scaler)")
+    if cfg.model.bidirectional:
+        return refuse("does not support model.bidirectional=true (packed sequences change shape with every "
+                      "batch)", "use a unidirectional model")
+    if t.debug:
+        return refuse("does not work with train.debug (anomaly detection syncs with the host)",
+                      "drop --train.debug")
+    if cfg.data.shape_buckets == 0:
+        if mode == "auto":
+            return False, "data.shape_buckets=0 (every batch may be a new shape)"
+        return True, "on (data.shape_buckets=0: only repeated shapes are captured, up to the limit)"
+    return True, "on"
+
+
+def use_training_stream(device: torch.device) -> torch.cuda.Stream:
+    """Run everything from here on (DDP construction included) on one side stream: a graph cannot
+    be captured on the default stream, and capturing on another stream than the one the eager steps
+    and DDP's gradient hooks use would make the capture wait on uncaptured work."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    torch.cuda.set_stream(stream)
+    return stream
+
+
+def allow_capture(optimizer: torch.optim.Optimizer) -> None:
+    """Let `optimizer.step()` be captured. PyTorch refuses capture unless every group is
+    `capturable`, and warns once when a capturable optimizer steps eagerly (our warm-up and fallback
+    steps do, on purpose). The one private attribute we touch is set here."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+    optimizer._warned_capturable_if_run_uncaptured = True
+
+
+@dataclass
+class _Static:
+    """A graph and the buffers it reads: the batch and the per-replay scalars."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: torch.Tensor
+    lengths: torch.Tensor
+    targets: torch.Tensor
+    scale: torch.Tensor   # the loss scale of this micro-batch: world size / global items x weight
+    weight: torch.Tensor  # 1, or 0 for a filler batch
+
+
+class StepGraphs:
+    """Captures and replays the training step of `trainer` (a distlstm.trainer.Trainer on CUDA)."""
+
+    def __init__(self, trainer, *, limit: int, log=print):
+        self.trainer, self.limit, self.log = trainer, limit, log
+        self.device = trainer.device
+        self.stream = torch.cuda.current_stream(self.device)
+        if self.stream == torch.cuda.default_stream(self.device):
+            raise RuntimeError("StepGraphs needs the training stream set first (graphs.use_training_stream)")
+        self.ddp = unwrap(trainer.model) is not trainer.model
+        if self.ddp:
+            # DDP times its hooks with CUDA events every 100th iteration; a capture falling on one of
+            # those iterations would record the timing events into the graph. Sample (practically) never.
+            trainer.model._set_ddp_runtime_logging_sample_rate(2**31 - 1)
+        allow_capture(trainer.optimizer)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, _Static] = {}
+        self.seen: set[tuple] = set()
+        self.eager_steps = 0
+        self.replays = 0
+        self.disabled = False
+        self._told_limit = False
+        # The LR the captured AdamW reads, one per parameter group; written before every replay.
+        self.lrs = [torch.zeros((), dtype=torch.float32, device=self.device) for _ in trainer.optimizer.param_groups]
+
+    # ------------------------------------------------------------------ per step
+    def step(self, micro_batches: list) -> bool:
+        """Run one optimizer step as graph replays if every rank can; False = the caller runs it
+        eagerly (and this rank's shapes count as warmed up)."""
+        t = self.trainer
+        keys = [_key(b, final=i == len(micro_batches) - 1) for i, b in enumerate(micro_batches)]
+        ready = not self.disabled and all(k in self.graphs or self._may_capture(k) for k in keys)
+        local_items = float(sum(t.task.item_count(b) for b in micro_batches))
+        global_items, not_ready = all_reduce_host([local_items, 0.0 if ready else 1.0], t.group)
+        if not_ready:
+            self.seen.update(keys)
+            self.eager_steps += 1
+            return False
+        scale = t.world.world_size / max(global_items, 1.0)
+        # Capture what is missing first (capturing runs nothing), so that a failed capture leaves
+        # the step untouched for the eager path.
+        for batch, key in zip(micro_batches, keys):
+            if key not in self.graphs and not self._capture(key, batch, scale):
+                self.eager_steps += 1
+                return False
+        for batch, key in zip(micro_batches, keys):
+            static = self.graphs[key]
+            self._load(static, batch, scale)
+            static.graph.replay()
+        t.item_sum += local_items
+        self.replays += 1
+        t.scheduler.step()
+        return True
+
+    def _may_capture(self, key: tuple) -> bool:
+        if key not in self.seen or (self.ddp and self.eager_steps < DDP_WARMUP_STEPS):
+            return False
+        if len(self.graphs) >= self.limit:
+            if not self._told_limit:
+                self.log(f"cuda graphs: limit of {self.limit} graphs reached (train.cuda_graph_limit); "
+                         f"steps of other shapes run eagerly")
+                self._told_limit = True
+            return False
+        return True
+
+    def _load(self, static: _Static, batch, scale: float) -> None:
+        """Copy the batch into the graph's buffers and write the replay's scalars (all on the
+        training stream, before the replay: no host sync; fill_ takes the value as a kernel argument)."""
+        static.inputs.copy_(batch.inputs, non_blocking=True)
+        static.lengths.copy_(batch.lengths, non_blocking=True)
+        static.targets.copy_(batch.targets, non_blocking=True)
+        static.scale.fill_(scale * batch.weight)
+        static.weight.fill_(batch.weight)
+        for lr, group in zip(self.lrs, self.trainer.optimizer.param_groups):
+            lr.fill_(group["lr"])
+
+    # ------------------------------------------------------------------ capture
+    def _buffers(self, key: tuple) -> _Static:
+        (in_shape, in_dtype), (tg_shape, tg_dtype), batch_rows, _ = key
+        dev = self.device
+        return _Static(graph=torch.cuda.CUDAGraph(), inputs=torch.zeros(in_shape, dtype=in_dtype, device=dev),
+                       lengths=torch.ones(batch_rows, dtype=torch.int64, device=dev),
+                       targets=torch.zeros(tg_shape, dtype=tg_dtype, device=dev),
+                       scale=torch.zeros((), dtype=torch.float32, device=dev),
+                       weight=torch.zeros((), dtype=torch.float32, device=dev))
+
+    def _capture(self, key: tuple, batch, scale: float) -> bool:
+        """Capture the graph for `key` (with `batch` in its buffers); False if capture failed in a
+        single process (graphs are then off for the run; with several ranks it raises)."""
+        t, final = self.trainer, key[-1]
+        static = self._buffers(key)
+        self._load(static, batch, scale)
+        groups = t.optimizer.param_groups
+        floats = [g["lr"] for g in groups]
+        started = time.perf_counter()
+        try:
+            # The captured AdamW must read the LR from device memory, not bake in today's float.
+            for g, lr in zip(groups, self.lrs):
+                g["lr"] = lr
+            with torch.cuda.graph(static.graph, pool=self.pool, stream=self.stream,
+                                  capture_error_mode="thread_local"):
+                self._record(static, final)
+        except Exception as exc:
+            self.disabled = True
+            if t.world.world_size > 1:
+                raise RuntimeError(f"CUDA graph capture of the training step failed ({type(exc).__name__}: {exc}); "
+                                   f"run with --train.cuda_graphs off") from exc
+            self.log(f"cuda graphs: capture failed ({type(exc).__name__}: {exc}); continuing eagerly "
+                     f"(--train.cuda_graphs off skips the attempt)")
+            return False
+        finally:
+            for g, lr in zip(groups, floats):
+                g["lr"] = lr
+        self.graphs[key] = static
+        self.log(f"cuda graphs: captured the {'step' if final else 'accumulation'} graph for batch shape "
+                 f"{tuple(key[0][0])} ({len(self.graphs)} of at most {self.limit}; "
+                 f"{(time.perf_counter() - started) * 1e3:.0f} ms)")
+        return True
+
+    def _record(self, static: _Static, final: bool) -> None:
+        """The work captured for one micro-batch (mirrors Trainer.forward_backward and
+        Trainer._optimizer_step, with every persistent value updated in place)."""
+        t = self.trainer
+        with no_sync(t.model, skip=not final):
+            # cache_enabled=False: autocast's cast-weight cache must not hand a tensor from one graph
+            # (or from an eager step) to another (PyTorch CUDA graphs notes, "Usage with torch.cuda.amp").
+            autocast = (torch.autocast("cuda", dtype=t.amp.dtype, cache_enabled=False) if t.amp.dtype is not None
+                        else contextlib.nullcontext())
+            with autocast:
+                outputs = t.model(static.inputs, static.lengths)
+            loss_sum, _, _ = t.task.loss_and_metrics(outputs, static.targets, static.lengths)
+            (loss_sum * static.scale).backward()
+        t.loss_sum.add_(loss_sum.detach().double() * static.weight)
+        if final:
+            t.guarded_update()
+            torch._foreach_zero_([p.grad for p in t.params if p.grad is not None])
+
+    def summary(self) -> str:
+        return (f"cuda graphs: {len(self.graphs)} captured, {self.replays} steps replayed, "
+                f"{self.eager_steps} eager")
+
+
+def _key(batch, *, final: bool) -> tuple:
+    """What a graph is specific to: input and target shapes and dtypes, rows, and its role."""
+    return ((tuple(batch.inputs.shape), batch.inputs.dtype), (tuple(batch.targets.shape), batch.targets.dtype),
+            int(batch.inputs.shape[0]), final)
