@@ -60,13 +60,16 @@ def _auto_max_tokens(cfg: Config, *, device, model, amp, graphs: bool, group, ru
         return CPU_MAX_TOKENS
     saved = Path(run_dir) / AUTO_FILE if run_dir is not None else None
     if saved is not None and saved.is_file() and cfg.checkpoint.resume != "never":
-        value = int(json.loads(saved.read_text())["max_tokens"])
-        log(f"data.max_tokens=auto: {value} (chosen when this run started, {saved})")
-        return value
-    budget, note = probe_max_tokens(cfg, model=model, amp=amp, device=device, graphs=graphs)
+        # A resumed run must plan its batches exactly as before (the loader refuses another plan).
+        budget = int(json.loads(saved.read_text())["max_tokens"])
+        note = f"chosen when this run started, {saved}"
+    else:
+        budget, note = probe_max_tokens(cfg, model=model, amp=amp, device=device, graphs=graphs)
+    # Every rank takes part, whatever it found (a node-local run directory may lack the file): the
+    # plan must be the same on all ranks.
     (lowest,) = all_reduce_host([-float(budget)], group, op=dist.ReduceOp.MAX)
     budget = int(-lowest)
-    log(f"data.max_tokens=auto: {budget} ({note}{'; smallest over the ranks' if group is not None else ''})")
+    log(f"data.max_tokens=auto: {budget} ({note}{'; the smallest over the ranks' if group is not None else ''})")
     if saved is not None and (group is None or dist.get_rank() == 0):
         saved.write_text(json.dumps({"max_tokens": budget}))
     return budget

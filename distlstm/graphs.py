@@ -74,8 +74,8 @@ def graphs_decision(cfg, device: torch.device) -> tuple[bool, str]:
     if cfg.data.shape_buckets == 0:
         if mode == "auto":
             return False, "data.shape_buckets=0 (every batch may be a new shape)"
-        return True, "on (data.shape_buckets=0: only repeated shapes are captured, up to the limit)"
-    return True, "on"
+        return True, "data.shape_buckets=0: only repeated shapes are captured, up to the limit"
+    return True, "each batch shape's step captured once, then replayed"
 
 
 def use_training_stream(device: torch.device) -> torch.cuda.Stream:
@@ -201,6 +201,8 @@ class StepGraphs:
         t, final = self.trainer, key[-1]
         static = self._buffers(key)
         self._load(static, batch, scale)
+        # Again at every capture: loading a checkpoint (after this object was made) resets the flags.
+        allow_capture(t.optimizer)
         groups = t.optimizer.param_groups
         floats = [g["lr"] for g in groups]
         started = time.perf_counter()
