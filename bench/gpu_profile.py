@@ -94,7 +94,7 @@ def profile_mode(args, data: Path, cache: Path, graphs: bool, device: torch.devi
                "launch_calls_per_step": launches / n, "kernels_per_step": kernel_count / n,
                "gpu_busy_ms_per_step": busy_us / n / 1e3, "tokens_per_s": tokens / wall,
                "replayed": getattr(trainer.graphs, "replays", 0)}
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     summary["top"] = events.table(sort_by=sort, row_limit=args.top)
     return summary
 
