@@ -82,7 +82,7 @@ def probe_max_tokens(cfg: Config, *, model: torch.nn.Module, amp: AmpPolicy, dev
     and an eager step's), so they count double."""
     free, total = torch.cuda.mem_get_info(device)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    # AdamW's two moments (parameter dtype) are not allocated yet: plan for them.
+    # The optimizer's state (at most two moments, as Adam/AdamW keep) is not allocated yet: plan for it.
     fixed = torch.cuda.memory_allocated(device) + 2 * params
     room = MEMORY_FRACTION * total - fixed
     rng = torch.cuda.get_rng_state(device), torch.get_rng_state()

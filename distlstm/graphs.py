@@ -9,10 +9,10 @@ What one graph holds (per micro-batch shape and role):
 - every micro-batch but the last: forward, masked loss (scaled by the step's global item count),
   backward accumulating into the gradients, under DDP's no_sync;
 - the last (with accum_steps=1, the whole step): the same, with DDP's gradient all-reduce, then
-  clipping, the non-finite guard and fused AdamW (`Trainer.guarded_update`), and zeroing the
+  clipping, the non-finite guard and the fused optimizer (`Trainer.guarded_update`), and zeroing the
   gradients for the next step.
 The LR schedule stays on the host: each replay first writes the group's LR into a device tensor the
-captured AdamW reads; likewise the per-micro-batch loss scale. Inputs are copied into static
+captured optimizer reads; likewise the per-micro-batch loss scale. Inputs are copied into static
 buffers (device to device: the loader already put the batch on the GPU).
 
 Memory rules that make replays safe, in any order, from one shared memory pool: everything that
@@ -131,7 +131,7 @@ class StepGraphs:
         self.replays = 0
         self.disabled = False
         self._told_limit = False
-        # The LR the captured AdamW reads, one per parameter group; written before every replay.
+        # The LR the captured optimizer reads, one per parameter group; written before every replay.
         self.lrs = [torch.zeros((), dtype=torch.float32, device=self.device) for _ in trainer.optimizer.param_groups]
 
     # ------------------------------------------------------------------ per step
@@ -207,7 +207,7 @@ class StepGraphs:
         floats = [g["lr"] for g in groups]
         started = time.perf_counter()
         try:
-            # The captured AdamW must read the LR from device memory, not bake in today's float.
+            # The captured optimizer must read the LR from device memory, not bake in today's float.
             for g, lr in zip(groups, self.lrs):
                 g["lr"] = lr
             with torch.cuda.graph(static.graph, pool=self.pool, stream=self.stream,
