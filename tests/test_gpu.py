@@ -86,13 +86,14 @@ def _ragged_lm_batches(steps: int, seed: int = 0) -> list[Batch]:
     return out
 
 
-def _lm_trainer(precision: str, accum: int, graphs: bool):
+def _lm_trainer(precision: str, accum: int, graphs: bool, optimizer: str = "adamw"):
     from distlstm.graphs import StepGraphs, use_training_stream
     device = torch.device("cuda")
     if graphs:
         use_training_stream(device)
     cfg = Config(model=ModelConfig(task="lm", input="tokens", hidden_size=64, embed_size=32, num_layers=2),
-                 optim=OptimConfig(lr=3e-3, warmup_steps=5),
+                 optim=OptimConfig(name=optimizer, lr=3e-3 if optimizer != "sgd" else 0.3, warmup_steps=5,
+                                   **({"momentum": 0.9} if optimizer == "sgd" else {})),
                  train=TrainConfig(precision=precision, accum_steps=accum, cuda_graphs="on" if graphs else "off"))
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=50, input_size=0, num_classes=0).to(device)
@@ -104,15 +105,16 @@ def _lm_trainer(precision: str, accum: int, graphs: bool):
     return trainer
 
 
-@pytest.mark.parametrize("precision,accum", [("bf16", 1), ("bf16", 2), ("fp32", 1)])
-def test_graphed_steps_match_eager_steps(precision, accum):
+@pytest.mark.parametrize("precision,accum,optimizer", [("bf16", 1, "adamw"), ("bf16", 2, "adamw"),
+                                                       ("fp32", 1, "adamw"), ("bf16", 1, "sgd")])
+def test_graphed_steps_match_eager_steps(precision, accum, optimizer):
     """20 optimizer steps on ragged batches, eagerly and with train.cuda_graphs: the same parameters
     (within bf16 rounding), the same loss sum, and most steps really replayed."""
     batches = [b.to("cuda") for b in _ragged_lm_batches(20 * accum)]
     results = []
     try:
         for graphs in (False, True):
-            trainer = _lm_trainer(precision, accum, graphs)
+            trainer = _lm_trainer(precision, accum, graphs, optimizer)
             for step in range(20):
                 trainer.train_step(batches[step * accum:(step + 1) * accum])
             torch.cuda.synchronize()
