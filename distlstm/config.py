@@ -71,9 +71,9 @@ class DataConfig:
     sequence_column: str = opt("", "Parquet column holding each sample's sequence; empty = from the manifest, "
                                    "else 'tokens' or 'features'")
     label_column: str = opt("", "Parquet column holding the label/target; empty = from the manifest, else 'label'")
-    max_tokens: IntOrAuto = opt(CPU_MAX_TOKENS, "token budget per batch: batch size x padded length stays below it; auto = "
-                                      "on CUDA the largest budget that fits the GPU's memory (a short probe, "
-                                      "logged), on CPU 8192")
+    max_tokens: IntOrAuto = opt(CPU_MAX_TOKENS, "token budget per batch: batch size x padded length stays below "
+                                                "it; auto = on CUDA the largest budget that fits the GPU's "
+                                                "memory (a short probe, logged), on CPU 8192")
     min_batch_size: int = opt(8, "batch-size floor for long buckets (an LSTM starves on tiny batches)")
     max_batch_size: int = opt(0, "batch-size cap; 0 = none")
     max_length: int = opt(1024, "longest sequence fed to the model; see data.too_long")

@@ -34,6 +34,9 @@ def test_file_then_overrides(tmp_path):
     ("[train]\nprecision = 'fp8'\n", "train.precision='fp8' is not allowed; choose one of fp32, bf16, fp16"),
     ("[model]\nhidden_size = 0\n", "model.hidden_size=0 must be > 0"),
     ("[train]\naccum_steps = 1.5\n", "train.accum_steps=1.5 is not an integer"),
+    ("[data]\nmax_tokens = 'lots'\n", "data.max_tokens='lots' is not an integer or 'auto'"),
+    ("[data]\nshape_buckets = -2\n", "data.shape_buckets=-2 must be >= 0"),
+    ("[train]\ncuda_graphs = 'yes'\n", "train.cuda_graphs='yes' is not allowed; choose one of auto, on, off"),
 ])
 def test_file_errors_name_the_key(tmp_path, text, needle):
     path = tmp_path / "bad.toml"
@@ -41,6 +44,16 @@ def test_file_errors_name_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_int_or_auto_values(tmp_path):
+    """data.max_tokens and data.shape_buckets take an integer or "auto", from a file or the command line."""
+    cfg = load_config(None, ["--data.max_tokens", "auto", "--data.shape_buckets", "48"])
+    assert (cfg.data.max_tokens, cfg.data.shape_buckets) == ("auto", 48)
+    assert load_config(None, ["--data.max_tokens=65_536"]).data.max_tokens == 65536
+    path = tmp_path / "auto.toml"
+    path.write_text('[data]\nmax_tokens = "auto"\nshape_buckets = 0\n')
+    assert (load_config(path).data.max_tokens, load_config(path).data.shape_buckets) == ("auto", 0)
 
 
 @pytest.mark.parametrize("args, needle", [
