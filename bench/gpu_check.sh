@@ -52,5 +52,5 @@ part host 180 python bench/host_path.py $QUICK
     grep -hE "^(machine|distlstm|model-free|item count|PASS|FAIL)" "$OUT/host.log" 2>/dev/null || true
     grep -hE "passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | tail -n 1 || true
 } >> "$summary"
-cat "$summary"
+sed -n "/^== results/,\$p" "$summary"
 exit "$failed"
