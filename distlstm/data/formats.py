@@ -3,9 +3,8 @@ into flat numpy arrays (column projection, no per-row Python objects)."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import errno
+import functools
 import os
 
 import numpy as np
@@ -15,6 +14,7 @@ import pyarrow.parquet as pq
 from distlstm.data.batch import Chunk
 from distlstm.data.plan import _segments
 from distlstm.data.errors import BadSampleError
+from distlstm.data.parquet_remote import RemoteParquetFile, Source, fetch_footer, parse_footer
 from distlstm.data.sources import open_file, redact
 from distlstm.tasks import get_task
 
@@ -42,27 +42,38 @@ def _sequence_type_error(path: str, column: str, typ: pa.DataType) -> BadSampleE
                           fix="re-run distlstm.prep or set --data.sequence_column")
 
 
-def parquet_layout(path: str, column: str, *, storage_options=None, retries: int = 3) -> tuple[list[int], np.ndarray]:
-    """Row-group sizes and per-sample lengths of `column`, read from the list offsets."""
-    with open_file(path, storage_options=storage_options, retries=retries) as f:
+def parquet_layout(path: str, column: str, *, storage_options=None, retries: int = 3,
+                   source: Source | None = None) -> tuple[list[int], np.ndarray, bytes | None]:
+    """Row-group sizes and per-sample lengths of `column`, read from the list offsets, and (remote
+    shards, given as `source`) the footer, for the index cache to keep. A remote shard is read by
+    exact ranges: the footer, then only `column`'s chunks."""
+    footer = None
+    try:
+        if source is not None:
+            footer = fetch_footer(source)
+            pf = RemoteParquetFile(source, metadata=parse_footer(footer))
+        else:
+            pf = _parquet_file(_local_path(path, storage_options, retries))
+    except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise BadSampleError(redact(path), "file", f"not a readable Parquet file ({exc})",
+                             fix="re-create the shard or remove it from the dataset") from exc
+    if column not in pf.schema_arrow.names:
+        raise BadSampleError(redact(path), "schema", f"no column '{column}' (columns: "
+                             f"{', '.join(pf.schema_arrow.names)})", fix="set --data.sequence_column")
+    rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+    groups = pf.iter_row_groups([column]) if source is not None else \
+        (pf.read_row_group(i, columns=[column]) for i in range(pf.num_row_groups))
+    lengths = []
+    for table in groups:
+        col = table.column(0)
         try:
-            pf = pq.ParquetFile(f)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise BadSampleError(redact(path), "file", f"not a readable Parquet file ({exc})",
-                                 fix="re-create the shard or remove it from the dataset") from exc
-        if column not in pf.schema_arrow.names:
-            raise BadSampleError(redact(path), "schema", f"no column '{column}' (columns: "
-                                 f"{', '.join(pf.schema_arrow.names)})", fix="set --data.sequence_column")
-        rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
-        lengths = []
-        for i in range(pf.num_row_groups):
-            col = pf.read_row_group(i, columns=[column]).column(0)
-            try:
-                offsets, _, _ = _list_parts(col)
-            except TypeError:
-                raise _sequence_type_error(path, column, col.type) from None
-            lengths.append(np.diff(offsets).astype(np.int32))
-    return rows, (np.concatenate(lengths) if lengths else np.zeros(0, np.int32))
+            offsets, _, _ = _list_parts(col)
+        except TypeError:
+            raise _sequence_type_error(path, column, col.type) from None
+        lengths.append(np.diff(offsets).astype(np.int32))
+    return rows, (np.concatenate(lengths) if lengths else np.zeros(0, np.int32)), footer
 
 
 def _to_numpy_values(path: str, column: str, values: pa.Array, column_type: pa.DataType) -> np.ndarray:
@@ -87,16 +98,19 @@ def _to_numpy_values(path: str, column: str, values: pa.Array, column_type: pa.D
     raise _sequence_type_error(path, column, column_type)
 
 
-def _open(path: str, storage_options, retries: int):
-    """A local file by name (Arrow's native reader, several times faster than through a Python file
-    object), anything else through fsspec with retries."""
+def _local_path(path: str, storage_options=None, retries: int = 3) -> str:
+    """A local file by name: Arrow's native reader reads exact ranges and is several times faster
+    than through a Python file object."""
     local = path[len("file://"):] if path.startswith("file://") else path
-    if "://" not in local and not storage_options:
-        if not os.path.isfile(local):
-            raise FileNotFoundError(errno.ENOENT, f"{redact(path)}: not found; check the path and that the "
-                                    f"shard exists", redact(path))
-        return contextlib.nullcontext(local)
-    return open_file(path, storage_options=storage_options, retries=retries)
+    if not os.path.isfile(local):
+        raise FileNotFoundError(errno.ENOENT, f"{redact(path)}: not found; check the path and that the "
+                                f"shard exists", redact(path))
+    return local
+
+
+def is_local(path: str, storage_options=None) -> bool:
+    local = path[len("file://"):] if path.startswith("file://") else path
+    return "://" not in local and not storage_options
 
 
 @functools.lru_cache(maxsize=8)
@@ -106,11 +120,9 @@ def _local_parquet(path: str, mtime_ns: int, size: int) -> pq.ParquetFile:
     return pq.ParquetFile(path)
 
 
-def _parquet_file(path: str, f) -> pq.ParquetFile:
-    if isinstance(f, str):
-        st = os.stat(f)
-        return _local_parquet(f, st.st_mtime_ns, st.st_size)
-    return pq.ParquetFile(f)
+def _parquet_file(local: str) -> pq.ParquetFile:
+    st = os.stat(local)
+    return _local_parquet(local, st.st_mtime_ns, st.st_size)
 
 
 def _vector_labels(path: str, column: str, lab: pa.Array, first_row: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,18 +141,21 @@ def _vector_labels(path: str, column: str, lab: pa.Array, first_row: int) -> tup
 
 
 def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label_column: str | None,
-                       storage_options=None, retries: int = 3, task: str | None = None) -> Chunk:
+                       storage_options=None, retries: int = 3, task: str | None = None,
+                       source: Source | None = None) -> Chunk:
     """Decode one row group: flat values, offsets, labels. A list label column is per-step tags for
-    task tag (aligned with `values`) and a K-vector per sample otherwise (labels shape (n, K))."""
+    task tag (aligned with `values`) and a K-vector per sample otherwise (labels shape (n, K)).
+    A remote shard comes as `source` and is read by exact byte ranges (parquet_remote.py)."""
     columns = [sequence_column] + ([label_column] if label_column else [])
-    with _open(path, storage_options, retries) as f:
-        try:
-            pf = _parquet_file(path, f)
-            table = pf.read_row_group(row_group, columns=columns)
-            first_row = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise BadSampleError(redact(path), f"row group {row_group}", f"cannot be read ({exc})",
-                                 fix="re-create the shard, or run with --data.on_bad_sample skip") from exc
+    try:
+        pf = RemoteParquetFile(source) if source is not None else _parquet_file(_local_path(path, storage_options))
+        table = pf.read_row_group(row_group, columns=columns)
+        first_row = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
+    except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise BadSampleError(redact(path), f"row group {row_group}", f"cannot be read ({exc})",
+                             fix="re-create the shard, or run with --data.on_bad_sample skip") from exc
     # pyarrow silently leaves out a requested column the file does not have.
     missing = [c for c in columns if c not in table.column_names]
     if missing:

@@ -16,7 +16,7 @@ import numpy as np
 
 from distlstm.data.batch import Chunk
 from distlstm.data.manifest import Manifest
-from distlstm.data.sources import expand_paths, file_info, redact
+from distlstm.data.sources import WHOLE_FILE_MAX_MB, expand_paths, file_info, redact
 from distlstm.tasks import get_task
 
 def default_cache_dir() -> Path:
@@ -51,6 +51,9 @@ class DatasetIndex:
     storage_options: dict = field(default_factory=dict)
     retries: int = 3
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
+    shard_sizes: list = field(default_factory=list)       # bytes of each shard (None: unknown)
+    footer_caches: list = field(default_factory=list)     # index cache entry holding a remote shard's footer
+    whole_shard_max_mb: float = WHOLE_FILE_MAX_MB          # servers without byte ranges: see sources.read_ranges
 
     @property
     def num_samples(self) -> int:
@@ -78,53 +81,82 @@ class DatasetIndex:
         first = int(self.chunk_offsets[np.searchsorted(self.chunk_shard, self.chunk_shard[c])])
         return redact(shard), f"row {sample_id - first}"
 
+    @property
+    def is_remote(self) -> bool:
+        """Whether any shard is read over the network (URLs, or fsspec storage options)."""
+        from distlstm.data.formats import is_local
+        return not all(is_local(s, self.storage_options) for s in self.shards)
+
+    def remote_source(self, s: int):
+        """What the byte-range reader needs for remote shard `s` (None for a local file)."""
+        from distlstm.data.formats import is_local
+        from distlstm.data.parquet_remote import Source
+        if is_local(self.shards[s], self.storage_options):
+            return None
+        return Source(self.shards[s], size=self.shard_sizes[s] if self.shard_sizes else None,
+                      footer_cache=self.footer_caches[s] if self.footer_caches else None,
+                      storage_options=self.storage_options, retries=self.retries,
+                      whole_max_mb=self.whole_shard_max_mb)
+
     def read_chunk(self, c: int, task: str | None = None) -> Chunk:
         """Decode chunk `c`. `task` (classify/regress/tag/lm) says which tar label member every sample
         must have, so a sample missing it is flagged instead of the label type being guessed per shard;
         tar lengths are checked against the index, so a shard changed since indexing is an error."""
-        shard = self.shards[self.chunk_shard[c]]
-        if self.formats[self.chunk_shard[c]] == "parquet":
+        s = int(self.chunk_shard[c])
+        shard = self.shards[s]
+        if self.formats[s] == "parquet":
             from distlstm.data.formats import read_parquet_chunk
             return read_parquet_chunk(shard, int(self.chunk_local[c]), sequence_column=self.sequence_column,
                                       label_column=self.label_column, storage_options=self.storage_options,
-                                      retries=self.retries, task=task)
+                                      retries=self.retries, task=task, source=self.remote_source(s))
         from distlstm.data.tar import read_tar_chunk
         lo, hi = int(self.chunk_offsets[c]), int(self.chunk_offsets[c + 1])
         return read_tar_chunk(shard, storage_options=self.storage_options, retries=self.retries, task=task,
                               expected_lengths=self.lengths[lo:hi])
 
 
-def _cache_key(url: str, column: str, storage_options) -> str:
-    info = file_info(url, storage_options=storage_options)
+def _cache_key(url: str, column: str, info: dict) -> str:
     raw = json.dumps([url, column, info.get("size"), str(info.get("mtime_or_etag"))])
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
-def _shard_layout(url: str, fmt: str, column: str, cache: Path | None, storage_options, retries):
-    """(rows per chunk, lengths) of one shard, from the cache when the file is unchanged."""
+def _shard_layout(url: str, fmt: str, column: str, cache: Path | None, storage_options, retries,
+                  whole_max_mb: float = WHOLE_FILE_MAX_MB):
+    """(rows per chunk, lengths, size, cache entry holding the footer) of one shard, from the cache
+    when the file is unchanged. A remote Parquet shard's footer is kept in its cache entry, so that
+    the loader's processes need not fetch it again."""
+    info = file_info(url, storage_options=storage_options)
     path = None
     if cache is not None:
-        path = cache / "index" / f"{_cache_key(url, column, storage_options)}.npz"
+        path = cache / "index" / f"{_cache_key(url, column, info)}.npz"
         if path.is_file():
             try:
                 with np.load(path) as z:
-                    return z["rows"].tolist(), z["lengths"]
+                    footer = str(path) if "footer" in z.files else None
+                    return z["rows"].tolist(), z["lengths"], info["size"], footer
             except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 path.unlink(missing_ok=True)  # a damaged cache entry: rebuild it
+    footer = None
     if fmt == "parquet":
-        from distlstm.data.formats import parquet_layout
-        rows, lengths = parquet_layout(url, column, storage_options=storage_options, retries=retries)
+        from distlstm.data.formats import is_local, parquet_layout
+        from distlstm.data.parquet_remote import Source
+        source = None if is_local(url, storage_options) else Source(
+            url, size=info["size"], storage_options=storage_options, retries=retries, whole_max_mb=whole_max_mb)
+        rows, lengths, footer = parquet_layout(url, column, storage_options=storage_options, retries=retries,
+                                               source=source)
     else:
         from distlstm.data.tar import tar_lengths
         lengths = np.asarray(tar_lengths(url, storage_options=storage_options, retries=retries), dtype=np.int32)
         rows = [len(lengths)]
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Unique across hosts (a shared cache folder, containers with equal pids): host, pid, random.
-        tmp = path.with_suffix(f".{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
-        np.savez(tmp, rows=np.asarray(rows, dtype=np.int64), lengths=lengths)
-        os.replace(tmp, path)
-    return rows, lengths
+    if path is None:
+        return rows, lengths, info["size"], None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Unique across hosts (a shared cache folder, containers with equal pids): host, pid, random.
+    tmp = path.with_suffix(f".{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
+    extra = {"footer": np.frombuffer(footer, np.uint8)} if footer is not None else {}
+    np.savez(tmp, rows=np.asarray(rows, dtype=np.int64), lengths=lengths, **extra)
+    os.replace(tmp, path)
+    return rows, lengths, info["size"], str(path) if footer is not None else None
 
 
 def _default_column(first_shard: str, fmt: str, storage_options, retries) -> str:
@@ -142,7 +174,8 @@ def _default_column(first_shard: str, fmt: str, storage_options, retries) -> str
 
 def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label_column: str = "",
                cache_dir: str | Path | None = None, storage_options: dict | None = None,
-               retries: int = 3, progress=None, task: str | None = None) -> DatasetIndex:
+               retries: int = 3, progress=None, task: str | None = None,
+               whole_shard_max_mb: float = WHOLE_FILE_MAX_MB) -> DatasetIndex:
     """Index a split: a prepared dataset folder (with manifest.json), files, globs, brace ranges or URLs.
     `task` (model.task) decides whether there is a label column at all: lm reads none, so a raw
     Parquet file with only a token column is a complete lm dataset."""
@@ -160,9 +193,12 @@ def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label
     if unlabelled and not label_column:
         label = None  # lm: the targets are the tokens themselves
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    chunk_shard, chunk_local, rows_all, lengths_all = [], [], [], []
+    chunk_shard, chunk_local, rows_all, lengths_all, sizes, footers = [], [], [], [], [], []
     for s, (url, f) in enumerate(zip(shards, formats)):
-        rows, lengths = _shard_layout(url, f, column, cache, storage_options, retries)
+        rows, lengths, size, footer = _shard_layout(url, f, column, cache, storage_options, retries,
+                                                    whole_shard_max_mb)
+        sizes.append(size)
+        footers.append(footer)
         chunk_shard += [s] * len(rows)
         chunk_local += list(range(len(rows)))
         rows_all += rows
@@ -177,4 +213,5 @@ def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label
     return DatasetIndex(shards=shards, formats=formats, chunk_shard=np.asarray(chunk_shard, np.int64),
                         chunk_local=np.asarray(chunk_local, np.int64), chunk_offsets=offsets, lengths=lengths,
                         manifest=manifest, sequence_column=column, label_column=label,
-                        storage_options=storage_options, retries=retries)
+                        storage_options=storage_options, retries=retries, shard_sizes=sizes,
+                        footer_caches=footers, whole_shard_max_mb=whole_shard_max_mb)

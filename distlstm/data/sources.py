@@ -1,4 +1,5 @@
-"""Where shards live: path expansion, fsspec opening with retries, and credential redaction.
+"""Where shards live: path expansion, fsspec opening with retries, exact byte-range reads,
+sequential streams, and credential redaction.
 
 Every URL that reaches a log line, an error message or a saved config passes through `redact`.
 """
@@ -12,11 +13,15 @@ import logging
 import os
 import random
 import re
+import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable, Iterator, TypeVar
 
 import braceexpand
 import fsspec
+
+from distlstm.data import httpranges
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -258,11 +263,18 @@ def open_file(url: str, mode: str = "rb", *, storage_options: dict | None = None
 
 def read_bytes(url: str, start: int | None = None, end: int | None = None, *,
                storage_options: dict | None = None, retries: int = 3, backoff_s: float = 0.5) -> bytes:
-    """Bytes ``[start, end)`` of `url` (whole file by default; negative values count from the end)."""
+    """Bytes ``[start, end)`` of `url` (whole file by default; a negative `start` with no `end` is
+    the last ``-start`` bytes). A range is checked to be exactly that range (see `read_ranges`)."""
+    if start is not None or end is not None:
+        if start is not None and start < 0 and end is None:
+            return read_ranges(url, [(start, None)], storage_options=storage_options, retries=retries,
+                               backoff_s=backoff_s)[0]
+        if start is None or start < 0 or end is None or end < 0:
+            raise ValueError(f"read_bytes: unsupported range [{start}, {end}) of {redact(url)}")
+        return read_ranges(url, [(start, end)], storage_options=storage_options, retries=retries,
+                           backoff_s=backoff_s)[0]
     fs, path = _filesystem(url, storage_options)
-    what = "read" if start is None and end is None else f"read bytes [{start}, {end})"
-    return with_retries(lambda: fs.cat_file(path, start=start, end=end), url, retries=retries,
-                        backoff_s=backoff_s, what=what)
+    return with_retries(lambda: fs.cat_file(path), url, retries=retries, backoff_s=backoff_s, what="read")
 
 
 def file_info(url: str, *, storage_options: dict | None = None, retries: int = 3,
@@ -278,6 +290,245 @@ def file_info(url: str, *, storage_options: dict | None = None, retries: int = 3
             break
     size = info.get("size")
     return {"size": int(size) if size is not None else None, "mtime_or_etag": version}
+
+
+# ---------------------------------------------------------------------------------------------- byte ranges
+
+WHOLE_FILE_MAX_MB = 256.0
+"""Default cap (data.whole_shard_max_mb) on a file read whole because its server ignores byte ranges."""
+
+
+def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``[start, end)`` ranges with overlapping or touching ones merged (no gap is bridged:
+    a merged range holds no byte that was not asked for)."""
+    out: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+class _WholeFiles:
+    """Files read whole from servers that ignore Range headers, kept per process (LRU) so that each
+    is fetched once per process, not once per row group. Total bytes held <= the cap."""
+
+    def __init__(self) -> None:
+        self._files: OrderedDict[str, bytes] = OrderedDict()
+        self._evicted: set[str] = set()
+        self.lock = threading.Lock()
+
+    def get(self, url: str) -> bytes | None:
+        with self.lock:
+            data = self._files.get(url)
+            if data is not None:
+                self._files.move_to_end(url)
+            return data
+
+    def put(self, url: str, data: bytes, cap: int) -> None:
+        with self.lock:
+            if url in self._evicted:
+                log.warning("%s: read whole again (the files read whole by this process exceed "
+                            "data.whole_shard_max_mb=%.0f); raise it, or serve the data with byte-range support",
+                            redact(url), cap / 1e6)
+            self._files[url] = data
+            while sum(len(d) for d in self._files.values()) > cap and len(self._files) > 1:
+                old, _ = self._files.popitem(last=False)
+                self._evicted.add(old)
+
+
+_WHOLE = _WholeFiles()
+
+
+def _too_big(url: str, size: int | None, cap: int) -> ValueError:
+    what = f"{size / 1e6:.1f} MB" if size is not None else "of unknown size"
+    return ValueError(f"{redact(url)}: the server ignores byte ranges (it answered a Range request with the whole "
+                      f"file) and the file is {what}, over data.whole_shard_max_mb={cap / 1e6:.0f}; serve the data "
+                      f"with byte-range support (nginx, S3, GCS, ...) or raise data.whole_shard_max_mb")
+
+
+_FILE_LOCKS: dict[str, threading.Lock] = {}
+_FILE_LOCKS_GUARD = threading.Lock()
+
+
+def _reset_locks() -> None:  # in a forked child: a lock held by a thread of the parent stays held
+    global _FILE_LOCKS_GUARD
+    _FILE_LOCKS.clear()
+    _FILE_LOCKS_GUARD = threading.Lock()
+    _WHOLE.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_locks)
+
+
+def _file_lock(url: str) -> threading.Lock:
+    with _FILE_LOCKS_GUARD:
+        return _FILE_LOCKS.setdefault(url, threading.Lock())
+
+
+def _fetch(url: str, ranges: list[tuple[int, int | None]], cap: int, storage_options: dict | None) -> list[bytes]:
+    """The bytes of each range, each checked for its length. One request per range; several ranges
+    are fetched concurrently (one round trip, not one per range)."""
+    if _protocol(url) in ("http", "https"):
+        try:
+            pieces = httpranges.fetch(url, ranges, cap, storage_options,
+                                      lambda: _filesystem(url, storage_options)[0])
+        except httpranges.TooBig as exc:
+            raise _too_big(url, exc.size, cap) from None
+    else:
+        fs, path = _filesystem(url, storage_options)
+        if len(ranges) == 1:
+            a, b = ranges[0]
+            pieces = [fs.tail(path, -a) if b is None else fs.cat_file(path, start=a, end=b)]
+        else:
+            pieces = fs.cat_ranges([path] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges],
+                                   on_error="return")
+            for piece in pieces:
+                if isinstance(piece, BaseException):
+                    raise piece
+    for (a, b), piece in zip(ranges, pieces):
+        want = -a if b is None else b - a
+        if len(piece) != want:
+            raise OSError(errno.EIO, f"{redact(url)}: asked for bytes [{a}, {b}), got {len(piece)} bytes "
+                                     f"(file changed or truncated?)")
+    return pieces
+
+
+def read_ranges(url: str, ranges: list[tuple[int, int | None]], *, storage_options: dict | None = None,
+                retries: int = 3, backoff_s: float = 0.5, whole_max_mb: float = WHOLE_FILE_MAX_MB) -> list[bytes]:
+    """The bytes of each ``[start, end)`` of `url`, and nothing else: touching ranges are merged,
+    each merged range is one request (concurrent), no readahead, no block cache. ``(-n, None)`` is
+    the last `n` bytes. Transient errors are retried as in `with_retries`.
+
+    An HTTP server that ignores byte ranges (Python's http.server and other simple servers answer
+    200 with the whole file) is detected by the status: the whole file it sent is kept in memory
+    by this process (up to `whole_max_mb` MB in all, LRU) and later ranges of the same file are
+    served from it, so such a file is read once per process. A larger file is an error that says so.
+    """
+    if not ranges:
+        return []
+    cap = int(whole_max_mb * 1e6)
+    whole = _WHOLE.get(url)
+    if whole is None and _protocol(url) == "file":
+        local = url[len("file://"):] if url.startswith("file://") else url
+        with open(local, "rb") as f:
+            out = []
+            for a, b in ranges:
+                f.seek(a, os.SEEK_END if b is None else os.SEEK_SET)
+                out.append(f.read(-a if b is None else b - a))
+            return out
+    if whole is None:
+        suffixes = sorted({r for r in ranges if r[1] is None})
+        merged = suffixes + coalesce([r for r in ranges if r[1] is not None])
+        what = f"read {len(merged)} byte range{'s' * (len(merged) > 1)}"
+        # Until this process knows that the server honours Range, reads of one file go one at a
+        # time: threads reading a file concurrently from a server that ignores Range would each
+        # download all of it.
+        probing = _protocol(url) in ("http", "https") and not httpranges.honours_ranges(url)
+        with _file_lock(url) if probing else contextlib.nullcontext():
+            whole = _WHOLE.get(url) if probing else None
+            if whole is None:
+                try:
+                    pieces = with_retries(lambda: _fetch(url, merged, cap, storage_options), url,
+                                          retries=retries, backoff_s=backoff_s, what=what)
+                except httpranges.WholeBody as exc:
+                    log.warning("%s: the server ignores byte ranges (HTTP 200 to a Range request); using the "
+                                "whole file (%d bytes) for every read of it by this process", redact(url),
+                                len(exc.body))
+                    whole = exc.body
+                    _WHOLE.put(url, whole, cap)
+    if whole is not None:
+        return [whole[a:] if b is None else whole[a:b] for a, b in ranges]
+    found = dict(zip(merged, pieces))
+    out = []
+    for a, b in ranges:
+        if b is None:
+            out.append(found[(a, b)])
+            continue
+        (m0, _), piece = next(((m, p) for m, p in found.items() if m[1] is not None and m[0] <= a and b <= m[1]))
+        out.append(piece[a - m0:b - m0])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- streams
+
+
+class _Stream:
+    """A sequential read-only stream of a whole file with one request (works whether or not the
+    server supports byte ranges). A transient failure mid-stream re-opens the file and skips to
+    where it stopped, within the retry budget of `with_retries`."""
+
+    def __init__(self, open_raw: Callable[[], Any], url: str, retries: int, backoff_s: float):
+        self._open_raw, self._url, self._retries, self._backoff_s = open_raw, url, retries, backoff_s
+        self._raw = with_retries(open_raw, url, retries=retries, backoff_s=backoff_s, what="open")
+        self._pos = 0
+
+    def _attempt(self, size: int) -> bytes:
+        if self._raw is None:
+            self._raw = self._open_raw()
+            left = self._pos
+            while left:
+                skipped = self._raw.read(min(left, 1 << 20))
+                if not skipped:
+                    raise OSError(errno.EIO, f"{redact(self._url)}: file shorter than before on re-open")
+                left -= len(skipped)
+        try:
+            return self._raw.read(size)
+        except Exception:
+            with contextlib.suppress(Exception):
+                self._raw.close()
+            self._raw = None
+            raise
+
+    def read(self, size: int = -1) -> bytes:
+        data = with_retries(lambda: self._attempt(size), self._url, retries=self._retries,
+                            backoff_s=self._backoff_s, what=f"read at byte {self._pos}")
+        self._pos += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+    def __repr__(self) -> str:
+        return f"<stream {redact(self._url)}>"
+
+
+@contextlib.contextmanager
+def open_stream(url: str, *, storage_options: dict | None = None, retries: int = 3,
+                backoff_s: float = 0.5) -> Iterator[Any]:
+    """Read a whole file front to back, once: a local file, one streamed HTTP GET (no Range header,
+    so any server will do, and no block cache), or an fsspec file for object stores (sequential
+    block reads are exact ranges there). For tar shards, which are read sequentially."""
+    if _protocol(url) == "file":
+        local = url[len("file://"):] if url.startswith("file://") else url
+        if not os.path.isfile(local):
+            raise FileNotFoundError(errno.ENOENT, f"{redact(url)}: not found; check the path and that the shard "
+                                    f"exists", redact(url))
+        with open(local, "rb") as f:
+            yield f
+        return
+    fs, path = _filesystem(url, storage_options)
+    if _protocol(url) in ("http", "https"):
+        stream = _Stream(lambda: fs.open(path, "rb", block_size=0), url, retries, backoff_s)
+        try:
+            yield stream
+        finally:
+            stream.close()
+        return
+    with open_file(url, storage_options=storage_options, retries=retries, backoff_s=backoff_s) as handle:
+        yield handle
 
 
 # ---------------------------------------------------------------------------------------------- expansion

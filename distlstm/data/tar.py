@@ -26,7 +26,7 @@ from webdataset import tariterators
 
 from distlstm.data.batch import Chunk
 from distlstm.data.errors import BadSampleError
-from distlstm.data.sources import RetriesExhaustedError, open_file, read_bytes, redact
+from distlstm.data.sources import RetriesExhaustedError, open_file, open_stream, read_bytes, redact
 from distlstm.tasks import TASKS, get_task
 
 SEQUENCE_SUFFIXES = ("tokens.npy", "features.npy")
@@ -200,7 +200,8 @@ def read_tar_chunk(url: str, *, storage_options: dict | None = None, retries: in
     if on_bad not in ("mark", "raise"):
         raise ValueError(f"on_bad={on_bad!r}: expected 'mark' or 'raise'")
     shard = redact(url)
-    with open_file(url, storage_options=storage_options, retries=retries) as handle:
+    # One sequential pass, one request: the owner of a tar shard streams it once per epoch.
+    with open_stream(url, storage_options=storage_options, retries=retries) as handle:
         samples = list(_samples(handle, shard))
     suffix = _label_suffix(samples, task, shard)
     sequences, labels, keys, bad = [], [], [], {}
