@@ -153,6 +153,55 @@ def test_elastic_resume_covers_epoch_once(parquet_dir, tmp_path, old, new, steps
     assert all((ld.epoch, ld.consumed) == (1, 0) for ld in after_loaders)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("new,new_workers", [(1, 2), (3, 1)])
+def test_elastic_resume_with_auto_streams_and_real_workers(tmp_path, new, new_workers):
+    """The default data.streams=auto at 2 ranks x 2 workers plans 4 streams; the state records
+    them, so a resume on 1 rank x 2 workers or 3 ranks x 1 worker finishes the epoch on that plan
+    (each sample exactly once) and plans later epochs for its own ranks x workers."""
+    index = open_index(str(lw.write_parquet(tmp_path / "pq", 1200, rows_per_group=20, shards=3)),
+                       cache_dir=tmp_path / "cache")
+    old = [lw.make_loader(None, None, index=index, rank=r, world=2, workers=2, max_epochs=1) for r in range(2)]
+    before = [lw.take(ld, 7) for ld in old]
+    states = [ld.state_dict() for ld in old]
+    assert states[0] == states[1] and states[0]["streams"] == 4 and states[0]["consumed"] == 14
+    after_loaders = [lw.make_loader(None, None, index=index, rank=r, world=new, workers=new_workers, max_epochs=1)
+                     for r in range(new)]
+    for ld in after_loaders:
+        ld.load_state_dict(json.loads(json.dumps(states[0])))
+    assert after_loaders[0].params_for(0).streams == 4
+    assert after_loaders[0].params_for(1).streams == new * new_workers
+    after = _run_to_epoch_end(after_loaders)
+    ids = [i for batches in before + after for i in _real_ids(batches)]
+    assert len(ids) == len(set(ids)), "a sample was consumed twice"
+    assert sorted(ids) == list(range(1200)), "a sample was never consumed"
+    assert after_loaders[0].state_dict()["streams"] == new * new_workers  # epoch 1 is planned afresh
+
+
+@pytest.mark.parametrize("chunks,expected", [(64, 4), (32, 4), (31, 2), (16, 2), (15, 1), (2, 1)])
+def test_streams_auto_is_ranks_times_workers_when_the_data_allows(chunks, expected):
+    """auto = ranks x workers (2 x 2 here) when every stream gets at least `min_chunks_per_stream`
+    chunks, else the largest divisor of it that does."""
+    from distlstm.data.loader import resolve_streams
+    kw = dict(dp_world_size=2, num_workers=2, min_chunks_per_stream=8)
+    assert resolve_streams("auto", num_chunks=chunks, **kw) == expected
+    assert resolve_streams(3, num_chunks=chunks, **kw) == 3
+    assert resolve_streams("auto", dp_world_size=3, num_workers=0, num_chunks=100) == 3
+
+
+def test_version_1_state_resumes_as_one_stream(parquet_dir, tmp_path):
+    """A loader state saved before data.streams=auto (version 1, one stream) resumes exactly."""
+    cache = tmp_path / "cache"
+    reference = lw.take(lw.make_loader(parquet_dir, cache, max_epochs=1, streams=1), 20)
+    state = lw.make_loader(parquet_dir, cache, streams=1).state_dict()
+    v1 = {k: v for k, v in state.items() if k != "streams"} | {"version": 1, "consumed": 9}
+    fresh = lw.make_loader(parquet_dir, cache, max_epochs=1, world=2)  # auto: 2 streams from epoch 1 on
+    fresh.load_state_dict(v1)
+    assert fresh.params_for(0).streams == 1
+    got = lw.take(fresh, 11 // 2)
+    assert [b["ids"] for b in got] == [b["ids"] for b in reference[9::2]][:len(got)]
+
+
 # ---------------------------------------------------------------------------------------------- HTTP
 
 

@@ -60,14 +60,15 @@ def test_every_sample_once_and_equal_steps(world, too_long, streams, shape_bucke
         expected = np.arange(len(lengths)) if too_long == "truncate" else np.flatnonzero(lengths <= 1024)
         assert len(ids) == len(expected), "a sample repeated or missing"
         np.testing.assert_array_equal(np.sort(ids), expected)
-        # Pad rule: fillers only in the last round, only where fewer than `world` batches remained,
-        # and they are copies of the epoch's last batch (the loader gives them weight 0).
+        # Pad rule: fillers (weight 0 in the loader) where a stream ran out before the longest one,
+        # and in the last round where fewer than `world` batches remained.
         fillers = [(r, i) for r, b in enumerate(per_rank) for i, (_, f) in enumerate(b) if f]
-        assert len(fillers) == (-plan.num_batches) % world
-        last = plan.batch(plan.num_batches - 1)
-        for r, i in fillers:
-            assert i == len(per_rank[r]) - 1
-            np.testing.assert_array_equal(per_rank[r][i][0], last)
+        assert len(fillers) == plan.num_batches - plan.num_real_batches + (-plan.num_batches) % world
+        if streams == 1:  # one stream: only the last round, copies of the epoch's last batch
+            last = plan.batch(plan.num_batches - 1)
+            for r, i in fillers:
+                assert i == len(per_rank[r]) - 1
+                np.testing.assert_array_equal(per_rank[r][i][0], last)
 
 
 def test_drop_rule_drops_exactly_the_long_samples():
@@ -145,11 +146,12 @@ def test_plan_independent_of_world_size(shape_buckets):
                     assert ids.tolist() == global_order[i * world + r]
 
 
+@pytest.mark.parametrize("streams", [1, 4])
 @pytest.mark.parametrize("old_world,new_world", [(1, 3), (2, 1), (3, 8), (8, 2), (64, 3), (2, 64)])
 @pytest.mark.parametrize("shape_buckets", [0, 16])
-def test_resume_at_any_start_on_another_world_size(old_world, new_world, shape_buckets):
+def test_resume_at_any_start_on_another_world_size(old_world, new_world, shape_buckets, streams):
     offsets, lengths = _dataset(n_samples=3000)
-    params = _params(shape_buckets=shape_buckets, max_tokens=512)
+    params = _params(shape_buckets=shape_buckets, max_tokens=512, streams=streams)
     plan = EpochPlan(offsets, lengths, params, seed=9, epoch=4)
     G = plan.num_batches
     rounds = -(-G // old_world)
@@ -163,7 +165,7 @@ def test_resume_at_any_start_on_another_world_size(old_world, new_world, shape_b
         assert {len(b) for b in after} == {fresh.batches_per_rank(new_world, start)}
         # Exactly the remaining global batches, each once, in order per rank.
         remaining = sorted(tuple(ids.tolist()) for b in after for ids, f in b if not f)
-        assert remaining == sorted(tuple(plan.batch(g).tolist()) for g in range(start, G))
+        assert remaining == sorted(tuple(plan.batch(g).tolist()) for g in range(start, G) if not plan.is_filler(g))
         seen = np.concatenate(consumed + [ids for b in after for ids, f in b if not f])
         np.testing.assert_array_equal(np.sort(seen), np.arange(len(lengths)))
 
@@ -207,25 +209,45 @@ def test_invalid_params_named():
         PlanParams(max_tokens=0)
 
 
-@pytest.mark.parametrize("world,streams", [(4, 4), (2, 8), (4, 8)])
-def test_streams_keep_each_rank_to_its_share_of_the_chunks(world, streams):
-    """data.streams = a multiple of the world size: each rank decodes about 1/world of the chunks
-    (every rank touching every window, the default, reads the dataset `world` times)."""
+@pytest.mark.parametrize("world,workers", [(1, 1), (1, 4), (2, 2), (3, 2), (8, 4), (64, 1)])
+def test_streams_give_each_chunk_to_one_worker_of_one_rank(world, workers):
+    """streams = ranks x workers (data.streams=auto): every chunk is read and decoded by exactly one
+    worker of one rank per epoch, fillers included, also after a resume mid-epoch on the same world.
+    Worker w of a rank produces its local batches i with i % workers == w (the loader's rule)."""
     offsets, lengths = _dataset(n_samples=40_000, rows_per_chunk=50)
-    plan = EpochPlan(offsets, lengths, _params(streams=streams, window_chunks=4), seed=3, epoch=0)
     n_chunks = len(offsets) - 1
-    touched = []
-    for r in range(world):
-        chunks = set()
-        for i in range(plan.batches_per_rank(world)):
-            g = r + i * world
-            chunks.update(plan.window_chunks(g).tolist())
-        touched.append(len(chunks))
-    # The tail (streams of unequal length) may add a few windows beyond the rank's share.
-    assert max(touched) <= n_chunks / world + 3 * streams * 4, (touched, n_chunks)
+    plan = EpochPlan(offsets, lengths, _params(streams=world * workers, window_chunks=4), seed=3, epoch=0)
+    for start in (0, world * (plan.batches_per_rank(world) // 3) + 1):
+        owner: dict[int, tuple[int, int]] = {}
+        for r in range(world):
+            for i in range(plan.batches_per_rank(world, start)):
+                for c in plan.window_chunks(start + r + i * world).tolist():
+                    got = owner.setdefault(c, (r, i % workers))
+                    assert got == (r, i % workers), f"chunk {c} read by rank/worker {got} and {(r, i % workers)}"
+        if start == 0:
+            assert len(owner) == n_chunks
+    # One stream: every rank reads (nearly) every chunk, the read amplification streams remove.
     default = EpochPlan(offsets, lengths, _params(window_chunks=4), seed=3, epoch=0)
     assert len({c for i in range(default.batches_per_rank(world))
                 for c in default.window_chunks(i * world).tolist()}) > 0.9 * n_chunks
+
+
+@pytest.mark.parametrize("streams", [2, 8, 32])
+def test_streams_are_balanced_so_fillers_are_few(streams):
+    """Chunks are dealt by token count, so streams end close to each other: with ~25+ chunks per
+    stream, fillers stay a few percent of the epoch's batches."""
+    offsets, lengths = _dataset(n_samples=80_000, rows_per_chunk=100)
+    plan = EpochPlan(offsets, lengths, _params(streams=streams, window_chunks=8), seed=5, epoch=1)
+    fillers = plan.num_batches - plan.num_real_batches
+    assert fillers / plan.num_batches < 0.06, (plan.stream_lengths, plan.num_real_batches)
+
+
+def test_more_streams_than_chunks_still_covers_the_epoch_once():
+    offsets, lengths = _dataset(n_samples=600, rows_per_chunk=100)
+    plan = EpochPlan(offsets, lengths, _params(streams=64), seed=0, epoch=0)
+    per_rank = _rank_lists(plan, 16)
+    assert len({len(b) for b in per_rank}) == 1
+    np.testing.assert_array_equal(np.sort(_real_ids(per_rank)), np.arange(600))
 
 
 # ---------------------------------------------------------------- bounded shapes (data.shape_buckets)

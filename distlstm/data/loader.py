@@ -6,12 +6,19 @@ does not depend on the world size, so a checkpoint taken on N ranks resumes on M
 
 Workers: worker `w` of `W` produces this rank's local batches `k` with `k % W == w`; the DataLoader
 pulls from workers round-robin, so batches arrive in plan order whatever `W` is.
+
+Streams (`data.streams`, see plan.py): `auto` plans each epoch with `ranks x workers` streams, so
+each chunk is decoded by exactly one worker of one rank. The number used for the epoch in progress
+is part of the state: a run resumed on another world size finishes that epoch with the recorded
+number (the plan, and so the position, stay exact) and plans later epochs with its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,10 +33,12 @@ from distlstm.data.batch import Batch, Chunk
 from distlstm.data.errors import BadSampleError
 from distlstm.data.index import DatasetIndex
 from distlstm.data.plan import EpochPlan, PlanParams
+from distlstm.data.fetch import WindowFetcher
 from distlstm.data.prefetch import prefetch_to_device
 from distlstm.tasks import Task, _per_sample_any, get_task
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: + "streams"; a version 1 state was saved with one stream
+log = logging.getLogger(__name__)
 
 
 def find_bad_samples(chunk: Chunk, *, task: str | Task, vocab_size: int, num_classes: int) -> dict[int, str]:
@@ -72,6 +81,7 @@ class _Assembler:
         self.on_bad_sample, self.quarantine = on_bad_sample, quarantine
         self._wins: OrderedDict[tuple, _Window] = OrderedDict()
         self.max_windows = 1
+        self.fetcher = WindowFetcher(self._decode) if index.is_remote else None
 
     def chunk(self, c: int) -> tuple[Chunk, dict[int, str]]:
         """Decode chunk `c` and find its bad samples (once per window: the window keeps the data)."""
@@ -102,6 +112,14 @@ class _Assembler:
                 f.write(json.dumps({"epoch": epoch, "sample_id": sample_id, "shard": shard, "where": where,
                                     "problem": problem}) + "\n")
 
+    def _decode_all(self, key: tuple) -> list[tuple[int, Chunk, dict[int, str]]]:
+        if self.fetcher is not None:  # remote: on threads, maybe begun one window ahead
+            return self.fetcher.take(key)
+        return [self._decode(c) for c in key]
+
+    def _decode(self, c: int) -> tuple[int, Chunk, dict[int, str]]:
+        return (c, *self.chunk(c))
+
     def _window(self, chunks: np.ndarray) -> "_Window":
         """The decoded samples of one plan window joined into flat buffers, built once per window:
         a batch is then a handful of vectorised gathers, not a Python loop over its samples."""
@@ -111,17 +129,22 @@ class _Assembler:
             return self._wins[key]
         while len(self._wins) >= self.max_windows:
             self._wins.popitem(last=False)  # free before decoding the next
-        win = _Window(key, [(c, *self.chunk(c)) for c in key], self.index.chunk_offsets,
+        win = _Window(key, self._decode_all(key), self.index.chunk_offsets,
                       per_step=self.task.per_step, max_length=self.max_length)
         self._wins[key] = win
         return win
 
     def __call__(self, ids: np.ndarray, *, weight: float, epoch: int, consumed: int,
-                 window: np.ndarray | None = None, shape: tuple[int, int] | None = None) -> Batch:
+                 window: np.ndarray | None = None, shape: tuple[int, int] | None = None,
+                 next_window: np.ndarray | None = None) -> Batch:
         """Pad the samples `ids` (all from the plan window `window`) into a Batch; with a bounded
-        `shape` (rows, length) pad to exactly that, filling missing rows with dummy rows."""
+        `shape` (rows, length) pad to exactly that, filling missing rows with dummy rows.
+        `next_window`, the window this worker reads after it, is begun in the background for
+        remote data."""
         win = self._window(window if window is not None else
                            np.unique(np.searchsorted(self.index.chunk_offsets, ids, side="right") - 1))
+        if self.fetcher is not None and next_window is not None:
+            self.fetcher.start(tuple(int(c) for c in next_window))
         pos = win.positions(ids)
         skipped = 0
         if win.any_bad:
@@ -215,7 +238,10 @@ class _Window:
             self.rows = self.rows.transpose(0, 2, 1)
         self.labels = self._join_labels(chunks, per_step, max_length)
         self.bad = np.zeros(int(self._base[-1]), dtype=bool)
-        self._chunks = chunks
+        # Kept for messages about bad samples (keys, first row); not their data, which the joined
+        # buffers above already hold: keeping both would double a worker's memory.
+        self._chunks = [(c, dataclasses.replace(ch, values=np.zeros(0, np.int64), labels=None), bad)
+                        for c, ch, bad in chunks]
         for k, (_, _, bad) in enumerate(chunks):
             if bad:
                 self.bad[self._base[k] + np.fromiter(bad.keys(), dtype=np.int64)] = True
@@ -249,9 +275,9 @@ class _Window:
 class _Stream(IterableDataset):
     """This rank's batches from (epoch, consumed) on; each worker takes every W-th batch."""
 
-    def __init__(self, index: DatasetIndex, params: PlanParams, assembler: _Assembler, *, seed: int,
-                 dp_rank: int, dp_world_size: int, epoch: int, consumed: int, max_epochs: int):
-        self.index, self.params, self.assembler = index, params, assembler
+    def __init__(self, index: DatasetIndex, params_for: Callable[[int], PlanParams], assembler: _Assembler, *,
+                 seed: int, dp_rank: int, dp_world_size: int, epoch: int, consumed: int, max_epochs: int):
+        self.index, self.params_for, self.assembler = index, params_for, assembler
         self.seed, self.dp_rank, self.dp_world_size = seed, dp_rank, dp_world_size
         self.epoch, self.consumed, self.max_epochs = epoch, consumed, max_epochs
 
@@ -260,17 +286,22 @@ class _Stream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         k, epoch, start, N = 0, self.epoch, self.consumed, self.dp_world_size
         while not self.max_epochs or epoch < self.max_epochs:
-            plan = EpochPlan(self.index.chunk_offsets, self.index.lengths, self.params, seed=self.seed, epoch=epoch)
+            params = self.params_for(epoch)
+            plan = EpochPlan(self.index.chunk_offsets, self.index.lengths, params, seed=self.seed, epoch=epoch)
             if plan.num_batches == 0:
                 raise ValueError("the plan has no batches: the dataset is empty or every sample was dropped "
                                  "(data.too_long=drop with a small data.max_length?)")
+            # Windows this worker holds at once: one per stream it reads (streams / (ranks x workers)).
+            self.assembler.max_windows = max(1, -(-params.streams // (N * workers)))
+            if self.assembler.fetcher is not None:
+                self.assembler.fetcher.max_pending = self.assembler.max_windows
             for i in range(plan.batches_per_rank(N, start)):
                 if k % workers == worker:
-                    ids, filler = plan.rank_batch(i, dp_rank=self.dp_rank, dp_world_size=N, start=start)
                     g = start + self.dp_rank + i * N
+                    ids, filler = plan.rank_batch(i, dp_rank=self.dp_rank, dp_world_size=N, start=start)
                     yield self.assembler(ids, weight=0.0 if filler else 1.0, epoch=epoch,
                                          consumed=start + (i + 1) * N, window=plan.window_chunks(g),
-                                         shape=plan.batch_shape(g))
+                                         shape=plan.batch_shape(g), next_window=plan.next_window_chunks(g))
                 k += 1
             epoch, start = epoch + 1, 0
 
@@ -293,9 +324,8 @@ class BatchLoader:
         """Set: batches arrive on this device, copied one batch ahead (distlstm/data/prefetch.py)."""
         self.assembler = _Assembler(index, task=task, max_length=params.max_length, vocab_size=vocab_size,
                                     num_classes=num_classes, on_bad_sample=on_bad_sample, quarantine=quarantine)
-        # Windows a worker holds at once: one per stream it reads (streams / (ranks x workers)).
-        self.assembler.max_windows = max(1, -(-params.streams // (dp_world_size * max(num_workers, 1))))
         self.epoch, self.consumed = 0, 0
+        self._resumed_streams: tuple[int, int] | None = None  # (epoch, streams) recorded in a loaded state
         if params.too_long == "error":
             self._refuse_too_long()
 
@@ -307,13 +337,21 @@ class BatchLoader:
                              f"data.max_length={self.params.max_length} ({len(over)} samples in all); raise "
                              f"data.max_length or set data.too_long=truncate|drop")
 
+    def params_for(self, epoch: int) -> PlanParams:
+        """The plan parameters of `epoch`: the recorded number of streams for the epoch a loaded
+        state was in, this loader's own for every other."""
+        if self._resumed_streams is not None and self._resumed_streams[0] == epoch:
+            return dataclasses.replace(self.params, streams=self._resumed_streams[1])
+        return self.params
+
     def plan_hash(self, epoch: int) -> int:
         """What every rank must agree on before an epoch starts."""
-        key = f"{self.params.fingerprint()}|{self.index.fingerprint()}|{self.seed}|{epoch}|{self.dp_world_size}"
+        key = (f"{self.params_for(epoch).fingerprint()}|{self.index.fingerprint()}|{self.seed}|{epoch}|"
+               f"{self.dp_world_size}")
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:6], "little")  # 48 bits: exact in float64
 
     def __iter__(self) -> Iterator[Batch]:
-        stream = _Stream(self.index, self.params, self.assembler, seed=self.seed, dp_rank=self.dp_rank,
+        stream = _Stream(self.index, self.params_for, self.assembler, seed=self.seed, dp_rank=self.dp_rank,
                          dp_world_size=self.dp_world_size, epoch=self.epoch, consumed=self.consumed,
                          max_epochs=self.max_epochs)
         workers = self.num_workers
@@ -354,8 +392,8 @@ class BatchLoader:
     def _num_batches(self, epoch: int) -> int:
         cached = getattr(self, "_counts", {})
         if epoch not in cached:
-            cached = {epoch: EpochPlan(self.index.chunk_offsets, self.index.lengths, self.params, seed=self.seed,
-                                       epoch=epoch).num_batches}
+            cached = {epoch: EpochPlan(self.index.chunk_offsets, self.index.lengths, self.params_for(epoch),
+                                       seed=self.seed, epoch=epoch).num_batches}
             self._counts = cached
         return cached[epoch]
 
@@ -365,42 +403,98 @@ class BatchLoader:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
-                "world_size": self.dp_world_size, "seed": self.seed, "plan": self.params.fingerprint(),
-                "dataset": self.index.fingerprint()}
+                "world_size": self.dp_world_size, "seed": self.seed, "plan": _plan_fingerprint(self.params),
+                "streams": self.params_for(self.epoch).streams, "dataset": self.index.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume on exactly the next global batch. A different world size is fine (the position is
-        global); a different seed, plan or dataset is refused because the position would be meaningless."""
-        if state.get("version") != STATE_VERSION:
+        global, and the epoch in progress keeps the number of streams it was planned with); a
+        different seed, plan or dataset is refused because the position would be meaningless."""
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        for key, mine in (("seed", self.seed), ("plan", self.params.fingerprint()),
+        for key, mine in (("seed", self.seed), ("plan", _plan_fingerprint(self.params)),
                           ("dataset", self.index.fingerprint())):
             if state[key] != mine:
                 raise ValueError(f"cannot resume the data position: {key} changed since the checkpoint "
                                  f"({state[key]} -> {mine}); restore the data.* settings and shards, or start "
                                  f"fresh with --checkpoint.resume never")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        streams = int(state.get("streams", 1))
+        # At an epoch's start any plan fits the position (nothing consumed yet): plan it for this run.
+        self._resumed_streams = (self.epoch, streams) if streams != self.params.streams and self.consumed else None
+        if self._resumed_streams is not None:
+            log.info("data: epoch %d continues with the %d streams it was planned with (now %d ranks x workers "
+                     "would plan %d): some chunks of it are decoded by more than one worker", self.epoch,
+                     streams, self.dp_world_size * max(self.num_workers, 1), self.params.streams)
+
+    def describe(self, epoch: int = 0) -> str:
+        """One line about the plan of `epoch`, for the run log."""
+        plan = EpochPlan(self.index.chunk_offsets, self.index.lengths, self.params_for(epoch), seed=self.seed,
+                         epoch=epoch)
+        fillers = plan.num_batches - plan.num_real_batches
+        return (f"{plan.num_batches} global batches per epoch in {plan.params.streams} stream(s) of "
+                f"{self.index.num_chunks} chunks ({fillers} fillers, {fillers / max(plan.num_batches, 1):.1%}), "
+                f"{plan.batches_per_rank(self.dp_world_size)} per rank")
 
 
-def plan_params(data_cfg, *, shuffle: bool = True) -> PlanParams:
-    """The plan parameters of a `[data]` config. "auto" values that were not resolved for a device
-    (distlstm/autotune.py) take their CPU meaning: max_tokens 8192, exact shapes."""
+def _plan_fingerprint(params: PlanParams) -> str:
+    """The plan parameters without the number of streams (recorded separately, since `auto`
+    follows the world size); equal to a version 1 state's fingerprint of a one-stream plan."""
+    return dataclasses.replace(params, streams=1).fingerprint()
+
+
+def resolve_streams(streams: int | str, *, dp_world_size: int, num_workers: int, num_chunks: int,
+                    min_chunks_per_stream: int = 1) -> int:
+    """`data.streams`: `auto` = ranks x DataLoader workers per rank (the in-process loader counts
+    as one), so that each chunk has one reader; for a dataset too small to give every stream
+    `min_chunks_per_stream` chunks, the largest divisor of that count that does (each chunk is
+    then read by ranks x workers / streams workers, and the log says so)."""
+    if streams != AUTO:
+        return int(streams)
+    readers = dp_world_size * max(1, num_workers)
+    return max(k for k in range(1, readers + 1) if readers % k == 0 and (k == 1 or num_chunks >= k * min_chunks_per_stream))
+
+
+def streams_for(data_cfg, index: DatasetIndex, *, dp_world_size: int, num_workers: int | None = None,
+                shuffle: bool = True) -> int:
+    """The number of streams a loader plans new epochs with. A training stream should get at least
+    half a window of chunks (smaller windows mix less and pad more, and short streams end in
+    fillers); an evaluation pass (no shuffling) needs only one chunk per stream."""
+    workers = data_cfg.num_workers if num_workers is None else num_workers
+    return resolve_streams(data_cfg.streams, dp_world_size=dp_world_size, num_workers=workers,
+                           num_chunks=index.num_chunks,
+                           min_chunks_per_stream=max(1, data_cfg.window_chunks // 2) if shuffle else 1)
+
+
+def plan_params(data_cfg, *, shuffle: bool = True, streams: int = 1) -> PlanParams:
+    """The plan parameters of a `[data]` config; `streams` as resolved by `streams_for`. "auto"
+    values that were not resolved for a device (distlstm/autotune.py) take their CPU meaning:
+    max_tokens 8192, exact shapes."""
     max_tokens = CPU_MAX_TOKENS if data_cfg.max_tokens == AUTO else data_cfg.max_tokens
     shape_buckets = 0 if data_cfg.shape_buckets == AUTO else data_cfg.shape_buckets
     return PlanParams(max_tokens=max_tokens, min_batch_size=data_cfg.min_batch_size,
                       max_batch_size=data_cfg.max_batch_size, max_length=data_cfg.max_length,
                       too_long=data_cfg.too_long, window_chunks=data_cfg.window_chunks, shuffle=shuffle,
-                      streams=data_cfg.streams, shape_buckets=shape_buckets)
+                      streams=streams, shape_buckets=shape_buckets)
 
 
 def build_loader(index: DatasetIndex, data_cfg, *, task: str, dp_rank: int, dp_world_size: int,
                  vocab_size: int, num_classes: int, pin_memory: bool, run_dir: Path | None,
                  agree=None, shuffle: bool = True, max_epochs: int = 0, num_workers: int | None = None,
                  device: torch.device | None = None) -> BatchLoader:
-    params = plan_params(data_cfg, shuffle=shuffle)
+    workers = data_cfg.num_workers if num_workers is None else num_workers
+    streams = streams_for(data_cfg, index, dp_world_size=dp_world_size, num_workers=workers, shuffle=shuffle)
+    readers = dp_world_size * max(1, workers)
+    if dp_rank == 0 and data_cfg.streams == AUTO and streams < readers:
+        log.warning("data: %d chunks are too few for %d streams (ranks x workers); planning %d, so each chunk is "
+                    "read by %d workers: write smaller row groups (prep --rows-per-group) for one reader per chunk",
+                    index.num_chunks, readers, streams, readers // streams)
+    elif dp_rank == 0 and streams > index.num_chunks:
+        log.warning("data: %d chunks for data.streams=%d: the workers without a chunk of their own repeat "
+                    "another's window as fillers", index.num_chunks, streams)
+    params = plan_params(data_cfg, shuffle=shuffle, streams=streams)
     quarantine = run_dir / "quarantine" / f"rank{dp_rank:05d}.jsonl" if run_dir else None
     return BatchLoader(index, params, task=task, seed=data_cfg.seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
-                       num_workers=data_cfg.num_workers if num_workers is None else num_workers,
-                       prefetch_factor=data_cfg.prefetch_factor, pin_memory=pin_memory, max_epochs=max_epochs,
-                       vocab_size=vocab_size, num_classes=num_classes, on_bad_sample=data_cfg.on_bad_sample,
-                       quarantine=quarantine, agree=agree, device=device)
+                       num_workers=workers, prefetch_factor=data_cfg.prefetch_factor, pin_memory=pin_memory,
+                       max_epochs=max_epochs, vocab_size=vocab_size, num_classes=num_classes,
+                       on_bad_sample=data_cfg.on_bad_sample, quarantine=quarantine, agree=agree, device=device)

@@ -1,15 +1,21 @@
 """The data plan: which samples form which batch, and which rank gets it. Pure functions of
-(lengths, seed, epoch, world size); no process group, no I/O, so every rank computes the same plan
-and tests can simulate 64 ranks in one process.
+(lengths, seed, epoch, streams, world size); no process group, no I/O, so every rank computes the
+same plan and tests can simulate 64 ranks in one process.
 
 One epoch, step by step:
 1. a seeded permutation orders the chunks (Parquet row groups or tar shards);
-2. consecutive runs of `window_chunks` chunks form windows; only one window is materialised at a time;
+2. the chunks are dealt to `streams` streams, in that order, each to the stream with the fewest
+   tokens so far; each stream cuts its chunks into consecutive windows of `window_chunks`; only one
+   window per stream is materialised at a time;
 3. in a window, samples are sorted by length (random tie-break) and cut into batches within
    geometric length buckets, `max(min_batch_size, max_tokens // bucket_len)` samples each, so the
    padded size stays under the token budget while long buckets keep a batch-size floor;
-4. batch order is shuffled within the window. The concatenation over windows is the epoch's list of
-   *global* batches; it does not depend on the world size.
+4. batch order is shuffled within the window, and a stream's batches are its windows' batches in
+   turn;
+5. the global order takes one batch from each stream in turn: global batch `g` is batch `g // K`
+   of stream `g % K` (K = streams). A stream that runs out before the longest one fills its slots
+   with *fillers* (its own last batch again, weight 0), so `g % K` names the stream of every slot.
+   The list of global batches does not depend on the world size.
 
 With `shape_buckets = N > 0` (bounded shapes, distlstm/data/shapes.py) step 3 pads every batch to
 one of at most N (rows, length) shapes instead: full batches class by class, the leftovers of a
@@ -17,15 +23,22 @@ length class moving up to the next, one partial batch per window (the loader fil
 rows), and windows grown to at least `shapes.MIN_WINDOW_BATCHES` batches of tokens.
 
 Rank `r` of `N`, resuming at global batch `start`, takes `start + r, start + r + N, ...`. When fewer
-than `N` batches remain in the last round, the ranks without one get a *filler* (a copy of the
-epoch's last batch with weight 0), so every rank runs `ceil((G - start) / N)` steps and DDP never
-waits on a rank that ran out. Because the state is just (epoch, global batches consumed), a restart
-on a different number of ranks continues the epoch with nothing repeated and nothing skipped.
+than `N` batches remain in the last round, the ranks without one get a filler (a batch of the same
+stream as the slot, weight 0), so every rank runs `ceil((G - start) / N)` steps and DDP never waits
+on a rank that ran out. Because the state is just (epoch, global batches consumed), a restart on a
+different number of ranks continues the epoch with nothing repeated and nothing skipped.
+
+Why streams: with `K = N x W` (ranks x DataLoader workers per rank), the worker that produces
+global batch `g` is fixed by `g mod N W` (ranks take every N-th batch, workers every W-th of
+those), so each stream, and with it each chunk, is read and decoded by exactly one worker of one
+rank per epoch. With `K = 1` every worker touches every window: the dataset is decoded `N x W`
+times per epoch (though each sample still goes into one batch on one rank).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 from collections import OrderedDict
@@ -117,43 +130,80 @@ class EpochPlan:
         self._bucket_of = np.searchsorted(self._edges, np.arange(params.max_length + 1)).astype(np.int64)
         n_chunks = len(self._offsets) - 1
         order = _rng(seed, epoch, 0).permutation(n_chunks) if params.shuffle else np.arange(n_chunks)
+        K, size = params.streams, params.window_chunks
+        chunk_tokens = None
         if self.bounded:
             csum = np.concatenate([[0], np.cumsum(kept)])
-            self._windows = _token_windows(order, csum[self._offsets[1:]] - csum[self._offsets[:-1]],
-                                           params.window_chunks, bounded.window_token_floor(params.max_tokens))
-        else:
-            self._windows = [order[i:i + params.window_chunks] for i in range(0, n_chunks, params.window_chunks)]
+            chunk_tokens = csum[self._offsets[1:]] - csum[self._offsets[:-1]]
+        # Each stream owns a random share of the whole dataset (so its windows mix as well as with
+        # one stream); windows are numbered stream by stream.
+        self._windows, first_window = [], [0]
+        for mine in self._deal(order, K):
+            if self.bounded:
+                self._windows += _token_windows(mine, chunk_tokens, size, bounded.window_token_floor(params.max_tokens))
+            else:
+                self._windows += [mine[i:i + size] for i in range(0, len(mine), size)]
+            first_window.append(len(self._windows))
         counts = np.array([self._count_batches(w) for w in range(len(self._windows))], dtype=np.int64)
         self._window_start = np.concatenate([[0], np.cumsum(counts)])
+        self._first_window = np.asarray(first_window, dtype=np.int64)
+        self._stream_start = self._window_start[first_window]
+        self._stream_len = np.diff(self._stream_start)
+        longest = int(self._stream_len.max()) if K else 0
+        self._num_batches = longest * K if K > 1 else int(self._stream_len[0])
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = OrderedDict()
-        self._g_window = self._g_local = None
-        if params.streams > 1:
-            self._interleave(counts)
 
-    def _interleave(self, counts: np.ndarray) -> None:
-        """Streams: window w belongs to stream w % K; global batches take one batch from each stream
-        in turn. With K a multiple of ranks x workers, batch g comes from stream g % K for all but the
-        last rounds, so each worker only ever decodes its own streams' windows (1/(N W) of the data)."""
-        K, nw = self.params.streams, len(counts)
-        wid = np.repeat(np.arange(nw), counts)
-        local = np.arange(len(wid)) - np.repeat(self._window_start[:-1], counts)
-        before = np.zeros(nw, np.int64)  # batches of earlier windows of the same stream
-        for s in range(min(K, nw)):
-            idx = np.arange(s, nw, K)
-            before[idx] = np.cumsum(counts[idx]) - counts[idx]
-        order = np.lexsort((wid % K, before[wid] + local))
-        self._g_window, self._g_local = wid[order], local[order]
+    def _deal(self, order: np.ndarray, K: int) -> list[np.ndarray]:
+        """Chunks of each stream, in `order`: each chunk goes to the stream with the fewest tokens
+        so far (ties to the lower stream), so the streams end within about one chunk of each other
+        and few fillers are needed when the shorter ones run out."""
+        if K == 1:
+            return [order]
+        lens = np.minimum(self._lengths, self.params.max_length).astype(np.int64)
+        tokens = np.add.reduceat(lens, self._offsets[:-1]) if len(lens) else np.zeros(len(order), np.int64)
+        tokens[np.diff(self._offsets) == 0] = 0  # reduceat gives an empty chunk its neighbour's value
+        heap = [(0, s) for s in range(K)]
+        owner = np.empty(len(order), np.int64)
+        for p, c in enumerate(order.tolist()):
+            load, s = heap[0]
+            owner[p] = s
+            heapq.heapreplace(heap, (load + int(tokens[c]), s))
+        return [order[owner == s] for s in range(K)]
 
-    def _locate(self, g: int) -> tuple[int, int]:
-        """(window, batch within the window) of global batch g."""
-        if self._g_window is not None:
-            return int(self._g_window[g]), int(self._g_local[g])
-        w = int(np.searchsorted(self._window_start, g, side="right") - 1)
-        return w, g - int(self._window_start[w])
+    def _locate(self, g: int) -> tuple[int, int, bool]:
+        """(window, batch within the window, is_filler) of global slot `g` (any g >= 0: past the end
+        of the epoch, the slot of the same stream in the last round)."""
+        K, G = self.params.streams, self._num_batches
+        if g >= G:  # the last round's padding: a slot of the same stream, as a filler
+            g -= K * -(-(g - G + 1) // K)
+            filler = True
+        else:
+            filler = False
+        s, j = g % K, g // K
+        n = int(self._stream_len[s])
+        if j >= n:  # this stream ran out before the longest one
+            filler = True
+            if n == 0:  # more streams than chunks: borrow the longest stream's last batch
+                s = int(np.argmax(self._stream_len))
+                n = int(self._stream_len[s])
+            j = n - 1
+        pos = int(self._stream_start[s]) + j
+        w = int(np.searchsorted(self._window_start, pos, side="right") - 1)
+        return w, pos - int(self._window_start[w]), filler
 
     @property
     def num_batches(self) -> int:
+        """Global batches of the epoch, fillers of streams that ran out included."""
+        return self._num_batches
+
+    @property
+    def num_real_batches(self) -> int:
         return int(self._window_start[-1])
+
+    @property
+    def stream_lengths(self) -> np.ndarray:
+        """Batches of each stream (the longest one sets the epoch's length)."""
+        return self._stream_len.copy()
 
     def _kept_lengths(self) -> np.ndarray:
         """Every sample's length as batched: clipped to max_length, 0 where too_long=drop drops it;
@@ -222,19 +272,22 @@ class EpochPlan:
         return starts, np.diff(np.r_[starts, len(ids)])
 
     def batch(self, g: int) -> np.ndarray:
-        """Sample ids of global batch `g`."""
+        """Sample ids of global batch `g` (for a filler, those of the batch it repeats)."""
         if not 0 <= g < self.num_batches:
             raise IndexError(f"global batch {g} outside epoch of {self.num_batches}")
-        w, b = self._locate(g)
+        w, b, _ = self._locate(g)
         offsets, ids = self.window_batches(w)
         return ids[offsets[b]:offsets[b + 1]]
 
+    def is_filler(self, g: int) -> bool:
+        return self._locate(g)[2]
+
     def batch_shape(self, g: int) -> tuple[int, int] | None:
-        """(rows, padded length) of global batch `g` with bounded shapes (a filler's is the last
-        batch's); None with exact shapes (the loader pads to the longest sample)."""
+        """(rows, padded length) of global batch `g` with bounded shapes (a filler's is that of the
+        batch it repeats); None with exact shapes (the loader pads to the longest sample)."""
         if not self.bounded:
             return None
-        w, b = self._locate(min(g, self.num_batches - 1))
+        w, b, _ = self._locate(g)
         self.window_batches(w)
         k = int(self._cache[w][2][b])
         return int(self._sizes[k]), int(self._edges[k])
@@ -245,8 +298,15 @@ class EpochPlan:
         return [(int(b), int(t)) for b, t in zip(self._sizes, self._edges)] if self.bounded else []
 
     def window_chunks(self, g: int) -> np.ndarray:
-        """Chunk ids of the window holding global batch `g` (a filler's is the last window)."""
-        return self._windows[self._locate(min(g, self.num_batches - 1))[0]]
+        """Chunk ids of the window holding global batch `g` (a filler's: the batch it repeats)."""
+        return self._windows[self._locate(g)[0]]
+
+    def next_window_chunks(self, g: int) -> np.ndarray | None:
+        """Chunk ids of the window that follows the one holding batch `g` in the same stream (what
+        the worker reading that stream reads next), or None after the stream's last window."""
+        w = self._locate(g)[0]
+        s = int(np.searchsorted(self._first_window, w, side="right") - 1)
+        return self._windows[w + 1] if w + 1 < self._first_window[s + 1] else None
 
     def batches_per_rank(self, dp_world_size: int, start: int = 0) -> int:
         return max(0, -(-(self.num_batches - start) // dp_world_size))
@@ -254,9 +314,9 @@ class EpochPlan:
     def rank_batch(self, i: int, *, dp_rank: int, dp_world_size: int, start: int = 0) -> tuple[np.ndarray, bool]:
         """The i-th batch of rank `dp_rank`: (sample ids, is_filler)."""
         g = start + dp_rank + i * dp_world_size
-        if g < self.num_batches:
-            return self.batch(g), False
-        return self.batch(self.num_batches - 1), True
+        w, b, filler = self._locate(g)
+        offsets, ids = self.window_batches(w)
+        return ids[offsets[b]:offsets[b + 1]], filler
 
     def rank_batches(self, *, dp_rank: int, dp_world_size: int, start: int = 0) -> Iterator[tuple[np.ndarray, bool]]:
         for i in range(self.batches_per_rank(dp_world_size, start)):
