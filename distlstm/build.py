@@ -28,12 +28,12 @@ from distlstm.autotune import resolve_auto
 from distlstm.config import Config, ConfigError
 from distlstm.data.dims import DataDims
 from distlstm.data.index import DatasetIndex, default_cache_dir, open_index
-from distlstm.data.loader import BatchLoader, build_loader, plan_params
+from distlstm.data.loader import BatchLoader, build_loader, plan_params, streams_for
 from distlstm.data.plan import EpochPlan
 from distlstm.data.sources import redact
 from distlstm.graphs import use_training_stream
 from distlstm.models.lstm import SequenceModel, build_model, num_parameters
-from distlstm.parallel import AmpPolicy, all_reduce_host, apply_ddp
+from distlstm.parallel import AmpPolicy, all_reduce_host, apply_ddp, ddp_options
 from distlstm.tasks import Task, get_task
 from distlstm.world import World
 
@@ -82,12 +82,14 @@ def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Ca
             use_training_stream(device)  # before DDP: its gradient hooks belong to the stream it is built on
     # Each rank gets its own dropout stream; DDP broadcasts rank 0's initial weights.
     torch.manual_seed(cfg.train.seed + 1000 * world.rank)
-    ddp_model = apply_ddp(model, world, device) if training else model
+    ddp_model = apply_ddp(model, world, device, **ddp_options(cfg.train)) if training else model
     optimizer = scheduler = None
     if training:
         from distlstm.trainer import build_optimizer
         optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps(cfg, train_index, world), device)
     train_loader, valid_loader = build_loaders(cfg, world, device, group, run_dir, train_index, valid_index)
+    if train_loader is not None:
+        log(f"data: plan: {train_loader.describe()}")
     return Run(cfg=cfg, world=world, device=device, group=group, model=model, ddp_model=ddp_model, amp=amp,
                train_index=train_index, valid_index=valid_index, train_loader=train_loader,
                valid_loader=valid_loader, optimizer=optimizer, scheduler=scheduler)
@@ -128,7 +130,8 @@ def load_data(cfg: Config, log, *, train: bool = True) -> tuple[DatasetIndex | N
         log(f"data: embedded synthetic dataset in {root}")
         train_spec, valid_spec = str(root / "train"), valid_spec or str(root / "valid")
     kw = dict(fmt=d.format, sequence_column=d.sequence_column, label_column=d.label_column, cache_dir=cache,
-              storage_options=d.storage_options, retries=d.retries, task=cfg.model.task)
+              storage_options=d.storage_options, retries=d.retries, task=cfg.model.task,
+              whole_shard_max_mb=d.whole_shard_max_mb)
     train_index = open_index(train_spec, **kw) if train else None
     valid_index = open_index(valid_spec, **kw) if valid_spec else None
     parts = []
@@ -203,7 +206,7 @@ def total_steps(cfg: Config, index: DatasetIndex, world: World) -> int:
     an epoch-limited run, the steps the data plan gives each rank over train.max_epochs."""
     epoch_steps = 0
     if cfg.train.max_epochs:
-        params = plan_params(cfg.data)
+        params = plan_params(cfg.data, streams=streams_for(cfg.data, index, dp_world_size=world.world_size))
         for epoch in range(cfg.train.max_epochs):
             plan = EpochPlan(index.chunk_offsets, index.lengths, params, seed=cfg.data.seed, epoch=epoch)
             epoch_steps += -(-plan.batches_per_rank(world.world_size) // cfg.train.accum_steps)

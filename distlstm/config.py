@@ -81,8 +81,9 @@ class DataConfig:
                         ("truncate", "drop", "error"))
     window_chunks: int = opt(16, "chunks (row groups or tar shards) shuffled and bucketed together; "
                                  "memory per worker grows with it")
-    streams: int = opt(1, "windows read at once, interleaved batch by batch; set it to ranks x workers "
-                          "(a multiple of it) so each worker decodes only its share of the data")
+    streams: IntOrAuto = opt(AUTO, "plan streams: chunks are dealt to streams and each global batch comes "
+                                     "from one; auto = ranks x workers, so each chunk is read and decoded by "
+                                     "one worker of one rank per epoch; 1 = every worker reads every window")
     num_workers: int = opt(1, "DataLoader worker processes per rank; 0 = load in the training process")
     prefetch_factor: int = opt(4, "batches each worker prepares ahead")
     seed: int = opt(1234, "seed of the shuffling plan (shard order, windows, batch order)")
@@ -96,12 +97,13 @@ class DataConfig:
                                          "shapes per run (what CUDA graphs need), padding rows and lengths up to "
                                          "them; 0 = pad each batch to its longest sample; auto = 64 when "
                                          "train.cuda_graphs is on, else 0")
+    whole_shard_max_mb: float = opt(256.0, "an HTTP server that ignores byte ranges sends whole shards: each "
+                                           "process keeps up to this many MB of them (larger shards are an error)")
 
     def __post_init__(self) -> None:
         _check_choices("data", self)
         _positive("data", self, "max_tokens", "min_batch_size", "max_length", "window_chunks", "prefetch_factor",
-                  "streams",
-                  "retries", "synthetic_samples")
+                  "streams", "retries", "synthetic_samples", "whole_shard_max_mb")
         _positive("data", self, "max_batch_size", "num_workers", "shape_buckets", allow_zero=True)
         if self.max_batch_size and self.max_batch_size < self.min_batch_size:
             raise ConfigError(f"data.max_batch_size={self.max_batch_size} is below "
@@ -211,10 +213,19 @@ class TrainConfig:
                            ("auto", "on", "off"))
     cuda_graph_limit: int = opt(128, "most CUDA graphs captured (one per micro-batch shape and role); steps of "
                                      "other shapes run eagerly")
+    ddp_bucket_mb: float = opt(25.0, "DDP gradient bucket size in MB (each bucket is one all-reduce, started "
+                                     "as soon as its gradients are ready)")
+    ddp_grad_as_bucket_view: bool = opt(True, "DDP gradients as views into the all-reduce buckets (saves a copy "
+                                              "and the memory of one)")
+    ddp_static_graph: str = opt("auto", "DDP static_graph; auto = on when train.accum_steps = 1 (DDP does not "
+                                        "support it with no_sync gradient accumulation)", ("auto", "on", "off"))
 
     def __post_init__(self) -> None:
         _check_choices("train", self)
-        _positive("train", self, "accum_steps", "timeout_s", "max_bad_steps", "cuda_graph_limit")
+        _positive("train", self, "accum_steps", "timeout_s", "max_bad_steps", "cuda_graph_limit", "ddp_bucket_mb")
+        if self.ddp_static_graph == "on" and self.accum_steps > 1:
+            raise ConfigError(f"train.ddp_static_graph=on cannot be combined with train.accum_steps="
+                              f"{self.accum_steps} (DDP's static graph does not support no_sync); use auto or off")
         _positive("train", self, "max_steps", "max_epochs", "eval_every", "eval_max_batches", "threads",
                   allow_zero=True)
         if self.max_steps == 0 and self.max_epochs == 0:

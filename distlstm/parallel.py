@@ -16,14 +16,35 @@ from distlstm.world import World
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def apply_ddp(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+def apply_ddp(model: nn.Module, world: World, device: torch.device, *, bucket_mb: float = 25.0,
+              grad_as_bucket_view: bool = True, static_graph: bool = False) -> nn.Module:
     """Wrap in DDP when there is more than one rank. DDP broadcasts rank 0's parameters at
-    construction, so every rank starts from the same weights whatever its seed."""
+    construction, so every rank starts from the same weights whatever its seed.
+
+    - `bucket_mb`: gradients are all-reduced in buckets of about this size, in reverse parameter
+      order, each as soon as its gradients are ready. An LSTM's recurrent weights all get their
+      gradients at the end of its backward (cuDNN computes them in one call), so only the head's
+      (and, for lm, the output layer's) all-reduce overlaps the backward; larger buckets mean fewer
+      collectives for the rest.
+    - `grad_as_bucket_view`: `.grad` tensors are views into the buckets: no copy of every gradient
+      into and out of the buckets per step, and no second copy of the gradients in memory.
+    - `static_graph`: the same parameters get gradients in every step (true of every model here),
+      so DDP can skip the per-step bookkeeping; DDP does not support it together with `no_sync`
+      (gradient accumulation), which the caller must not combine with it.
+    """
     if not world.is_distributed:
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    # Gradient buckets as views avoid one copy of every gradient per step.
-    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=bucket_mb,
+                                   gradient_as_bucket_view=grad_as_bucket_view, static_graph=static_graph,
+)
+
+
+def ddp_options(train_cfg) -> dict:
+    """apply_ddp's keyword arguments from the [train] config section."""
+    static = train_cfg.ddp_static_graph == "on" or (train_cfg.ddp_static_graph == "auto" and train_cfg.accum_steps == 1)
+    return {"bucket_mb": train_cfg.ddp_bucket_mb, "grad_as_bucket_view": train_cfg.ddp_grad_as_bucket_view,
+            "static_graph": static}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ import torch
 from distlstm.config import Config, ModelConfig, TrainConfig
 from distlstm.data.batch import Batch
 from distlstm.models.lstm import build_model
-from distlstm.parallel import AmpPolicy, apply_ddp, control_group
+from distlstm.parallel import AmpPolicy, apply_ddp, control_group, ddp_options
 from distlstm.trainer import Trainer, build_optimizer
 from distlstm.world import destroy_process_group, detect_world, init_process_group
 
@@ -46,15 +46,16 @@ def main() -> int:
     ap.add_argument("--task", default="classify")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--one-batch", action="store_true", help="concatenate all batches into one")
+    ap.add_argument("--bucket-mb", type=float, default=25.0, help="train.ddp_bucket_mb")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     world = detect_world()
     init_process_group(world, backend="gloo", timeout_s=60)
     cfg = Config(model=ModelConfig(task=args.task, input="tokens", hidden_size=16, embed_size=8, num_layers=2),
-                 train=TrainConfig(accum_steps=args.accum))
+                 train=TrainConfig(accum_steps=args.accum, ddp_bucket_mb=args.bucket_mb))
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=20, input_size=0, num_classes=3).double()
-    ddp = apply_ddp(model, world, torch.device("cpu"))
+    ddp = apply_ddp(model, world, torch.device("cpu"), **ddp_options(cfg.train))
     optimizer, scheduler = build_optimizer(model, cfg.optim, 10, torch.device("cpu"))
     trainer = Trainer(cfg, world, model=ddp, optimizer=optimizer, scheduler=scheduler,
                       amp=AmpPolicy("fp32", torch.device("cpu")), device=torch.device("cpu"),

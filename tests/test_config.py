@@ -19,6 +19,16 @@ def test_default_toml_matches_the_code():
     assert to_dict(load_config(ROOT / "configs" / "default.toml")) == to_dict(Config())
 
 
+def test_streams_is_auto_or_a_count_from_file_or_command_line(tmp_path):
+    assert Config().data.streams == "auto"
+    assert load_config(None, ["--data.streams", "8"]).data.streams == 8
+    path = tmp_path / "s.toml"
+    path.write_text("[data]\nstreams = 4\n")
+    assert load_config(path).data.streams == 4
+    path.write_text('[data]\nstreams = "auto"\n')
+    assert load_config(path).data.streams == "auto"
+
+
 def test_file_then_overrides(tmp_path):
     path = tmp_path / "x.toml"
     path.write_text('[optim]\nlr = 0.01\n[model]\nhidden_size = 64\n[data]\nstorage_options = {anon = "true"}\n')
@@ -61,6 +71,9 @@ def test_int_or_auto_values(tmp_path):
     (["--model.bidirectional", "maybe"], "model.bidirectional='maybe' is not a boolean"),
     (["lr=3"], "unexpected argument 'lr=3'"),
     (["--data.max_batch_size", "2", "--data.min_batch_size", "4"], "data.max_batch_size=2 is below"),
+    (["--data.streams", "many"], "data.streams='many' is not an integer or 'auto'"),
+    (["--data.streams", "0"], "data.streams=0 must be > 0"),
+    (["--train.ddp_static_graph", "on", "--train.accum_steps", "2"], "train.ddp_static_graph=on cannot be"),
 ])
 def test_override_errors(args, needle):
     with pytest.raises(ConfigError, match=None) as err:

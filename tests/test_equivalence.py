@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_step(tmp_path: Path, *, nproc: int, accum: int, task: str, one_batch: bool = False,
-             batches: int = 4) -> dict:
-    out = tmp_path / f"grads-{nproc}-{accum}-{task}-{one_batch}.pt"
+             batches: int = 4, bucket_mb: float = 25.0) -> dict:
+    out = tmp_path / f"grads-{nproc}-{accum}-{task}-{one_batch}-{bucket_mb}.pt"
     worker = [str(ROOT / "tests" / "_step_worker.py"), "--accum", str(accum), "--task", task,
-              "--batches", str(batches), "--out", str(out)] + (["--one-batch"] if one_batch else [])
+              "--batches", str(batches), "--bucket-mb", str(bucket_mb), "--out", str(out)] + \
+        (["--one-batch"] if one_batch else [])
     if nproc == 1:
         cmd = [sys.executable] + worker
     else:
@@ -54,6 +55,14 @@ def test_accumulation_equals_one_big_batch(tmp_path, task):
 def test_two_ranks_with_accumulation_equal_one_rank(tmp_path, task):
     two_ranks = run_step(tmp_path, nproc=2, accum=2, task=task)
     one_rank = run_step(tmp_path, nproc=1, accum=1, task=task, one_batch=True)
+    assert_close(two_ranks, one_rank)
+
+
+def test_ddp_static_graph_and_small_buckets_keep_the_gradient(tmp_path):
+    """train.accum_steps=1 turns DDP's static_graph on (ddp_static_graph=auto); tiny buckets split
+    the gradients over many all-reduces. Neither may change the gradient."""
+    two_ranks = run_step(tmp_path, nproc=2, accum=1, task="lm", batches=2, bucket_mb=0.001)
+    one_rank = run_step(tmp_path, nproc=1, accum=1, task="lm", batches=2, one_batch=True)
     assert_close(two_ranks, one_rank)
 
 
