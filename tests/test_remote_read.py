@@ -1,0 +1,229 @@
+"""Remote shards are read once per epoch: exact byte ranges, one owner per chunk, at any world size.
+
+A real HTTP server on loopback (tests/_http_server.py) serves prepared Parquet and tar shards and
+logs every request with its Range header and the bytes it sent. A failure here means that with the
+default config some chunk is fetched (and so decoded) more than once per epoch across all ranks and
+DataLoader workers, or that a row group's read pulls bytes other than its column chunks (readahead,
+a block cache, a footer per read), or that a server without byte-range support breaks the run or
+is read more than once per process, or that remote data differs from the same data on local disk.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import _loader_worker as lw  # noqa: E402
+from _http_server import bytes_sent  # noqa: E402
+
+from distlstm.data import prep  # noqa: E402
+from distlstm.data.index import open_index  # noqa: E402
+from distlstm.data.parquet_remote import column_chunk_ranges  # noqa: E402
+from distlstm.data.sources import coalesce  # noqa: E402
+
+
+def _prep(tmp_path: Path, out: Path, fmt: str = "parquet", n: int = 1200) -> Path:
+    """A classify dataset written by distlstm.prep: several shards, many small row groups."""
+    seqs, labels = lw.sample_data(n, seed=8)
+    src = tmp_path / f"in-{fmt}.jsonl"
+    src.write_text("".join(json.dumps({"ids": s.tolist(), "y": int(y)}) + "\n" for s, y in zip(seqs, labels)))
+    prep.run(prep.build_parser().parse_args(
+        ["--jsonl", str(src), "--tokens-field", "ids", "--label-field", "y", "--task", "classify", "--format", fmt,
+         "--valid-fraction", "0.1", "--shard-size-mb", "0.015", "--rows-per-group", "24", "--out", str(out),
+         "--quiet"]))
+    return out
+
+
+def _chunk_ranges(folder: Path, columns: list[str]) -> dict[tuple[str, int, int], int]:
+    """(url path, start, end) of each row group's coalesced column chunks -> global chunk id, in the
+    index's order (manifest order of shards, row groups in order)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    out, c = {}, 0
+    for shard in manifest["shards"]:
+        md = pq.read_metadata(folder / shard["path"])
+        for g in range(md.num_row_groups):
+            for a, b in coalesce(column_chunk_ranges(md, g, columns)):
+                out[(shard["path"], a, b)] = c
+            c += 1
+    return out
+
+
+def _fetches(log, folder_url_path: str, ranges: dict) -> collections.Counter:
+    """Chunk id -> times fetched; fails on any .parquet request that is not one chunk's exact range."""
+    got: collections.Counter = collections.Counter()
+    for r in log:
+        if not r.path.startswith(folder_url_path) or not r.path.endswith(".parquet") or r.method != "GET":
+            continue
+        name = r.path[len(folder_url_path):]
+        assert r.range and r.range.startswith("bytes=") and r.status == 206, f"not a range read: {r}"
+        a, _, b = r.range[len("bytes="):].partition("-")
+        key = (name, int(a), int(b) + 1)
+        assert key in ranges, f"{r.path} {r.range}: not the column chunks of one row group"
+        got[ranges[key]] += 1
+    return got
+
+
+@pytest.fixture
+def served(tmp_path, http_server):
+    """A prepared Parquet dataset under the server's root, indexed once (the index cache then holds
+    every shard's footer), with the request log cleared."""
+    _prep(tmp_path, http_server.root / "pq")
+    cache = tmp_path / "cache"
+    index = open_index(http_server.url("pq/train/"), cache_dir=cache)
+    assert index.num_chunks >= 30 and len(index.shards) >= 3, (index.num_chunks, index.shards)
+    http_server.take_log()
+    return http_server, index, cache
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_two_workers_fetch_every_chunk_exactly_once(served, tmp_path):
+    """Default data config (data.streams=auto): 2 simulated ranks x 2 real DataLoader worker
+    processes; over one epoch each row group's column chunks are fetched exactly once, with one
+    request, and nothing else of the shards is read (footers come from the index cache)."""
+    server, index, _ = served
+    batches = [lw.take(lw.make_loader(None, None, index=index, rank=r, world=2, workers=2, max_epochs=1), 10_000)
+               for r in range(2)]
+    assert len({len(b) for b in batches}) == 1, "ranks ran different numbers of steps"
+    ids = [i for rank in batches for b in rank if b["weight"] for i in b["ids"]]
+    assert sorted(ids) == list(range(index.num_samples)), "a sample was skipped or repeated"
+    log = server.take_log()
+    ranges = _chunk_ranges(server.root / "pq" / "train", ["tokens", "label"])
+    fetched = _fetches(log, "/pq/train/", ranges)
+    assert set(fetched) == set(range(index.num_chunks)), "a chunk was never fetched"
+    assert max(fetched.values()) == 1, f"chunks fetched twice: {[c for c, n in fetched.items() if n > 1]}"
+    dataset = sum(p.stat().st_size for p in (server.root / "pq" / "train").glob("*.parquet"))
+    column_bytes = sum(b - a for a, b in [(k[1], k[2]) for k in ranges])
+    assert bytes_sent(log, "/pq/train/", ".parquet") == column_bytes <= dataset
+
+
+@pytest.mark.timeout(120)
+def test_one_stream_reads_every_chunk_on_every_worker(served):
+    """The contrast that shows the test above is not vacuous: data.streams=1 at 2 ranks x 2 workers
+    fetches every chunk about 4 times."""
+    server, index, _ = served
+    for r in range(2):
+        lw.take(lw.make_loader(None, None, index=index, rank=r, world=2, workers=2, max_epochs=1, streams=1), 10_000)
+    fetched = _fetches(server.take_log(), "/pq/train/", _chunk_ranges(server.root / "pq" / "train", ["tokens", "label"]))
+    assert sum(fetched.values()) >= 3 * index.num_chunks
+
+
+@pytest.mark.timeout(120)
+def test_remote_batches_equal_local_and_footer_is_fetched_once_without_the_cache(served, tmp_path):
+    """Over HTTP the loader yields exactly the batches it yields from the same files on disk. With
+    no footer in the index (an entry written by an older version), each process fetches each
+    shard's footer once (2 small reads), not once per row group."""
+    server, index, cache = served
+    local = lw.take(lw.make_loader(str(server.root / "pq" / "train"), tmp_path / "cache-local", max_epochs=1), 10_000)
+    server.take_log()
+    index.footer_caches = [None] * len(index.shards)
+    from distlstm.data import parquet_remote
+    parquet_remote._metadata.cache_clear()
+    remote = lw.take(lw.make_loader(None, None, index=index, max_epochs=1), 10_000)
+    assert remote == local
+    chunk_reads = {(f"/pq/train/{name}", f"bytes={a}-{b - 1}")
+                   for name, a, b in _chunk_ranges(server.root / "pq" / "train", ["tokens", "label"])}
+    other = collections.Counter(r.path for r in server.take_log()
+                                if r.method == "GET" and (r.path, r.range) not in chunk_reads)
+    # Per shard: its last 8 bytes (footer length), then the footer itself.
+    assert sorted(other.values()) == [2] * len(index.shards), other
+
+
+@pytest.mark.timeout(120)
+def test_server_without_ranges_reads_each_shard_once_per_process(tmp_path, http_server_no_ranges, caplog):
+    """A server that ignores Range (like `python -m http.server`): the loader still works and reads
+    each shard whole, once per process, saying so in the log; a shard over data.whole_shard_max_mb
+    is a clear error instead."""
+    server = http_server_no_ranges
+    _prep(tmp_path, server.root / "pq")
+    index = open_index(server.url("pq/train/"), cache_dir=tmp_path / "cache")
+    server.take_log()
+    remote = lw.take(lw.make_loader(None, None, index=index, max_epochs=1), 10_000)
+    local = lw.take(lw.make_loader(str(server.root / "pq" / "train"), tmp_path / "cache-local", max_epochs=1), 10_000)
+    assert remote == local
+    log = server.take_log()
+    gets = collections.Counter(r.path for r in log if r.method == "GET" and r.path.endswith(".parquet"))
+    # The indexing pass in this process already holds every shard whole: no request at all now.
+    assert sum(gets.values()) == 0, gets
+    assert "ignores byte ranges" in caplog.text
+    from distlstm.data import sources
+    sources._WHOLE = sources._WholeFiles()  # a fresh process
+    for r in range(2):  # 2 ranks x 2 workers: each worker process reads each shard it needs once
+        lw.take(lw.make_loader(None, None, index=index, rank=r, world=2, workers=2, max_epochs=1), 10_000)
+    gets = collections.Counter(r.path for r in server.take_log() if r.method == "GET" and r.path.endswith(".parquet"))
+    assert set(gets) == {"/pq/train/" + Path(s).name for s in index.shards}
+    assert max(gets.values()) <= 4, gets  # at most once per worker process
+    small = open_index(server.url("pq/train/"), cache_dir=tmp_path / "cache", whole_shard_max_mb=0.001)
+    sources._WHOLE = sources._WholeFiles()
+    with pytest.raises(ValueError, match="ignores byte ranges.*whole_shard_max_mb=0"):
+        lw.take(lw.make_loader(None, None, index=small, max_epochs=1), 10)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ranges", [True, False])
+def test_tar_shards_are_streamed_once_per_owner(tmp_path, http_server, http_server_no_ranges, ranges):
+    """Tar shards (one chunk each) are streamed front to back with one request by the one worker
+    that owns them, with or without byte-range support on the server."""
+    server = http_server if ranges else http_server_no_ranges
+    folder = _prep(tmp_path, server.root / "tar", fmt="tar", n=600) / "train"
+    index = open_index(server.url("tar/train/"), cache_dir=tmp_path / "cache")
+    assert len(index.shards) >= 4
+    server.take_log()
+    batches = [lw.take(lw.make_loader(None, None, index=index, rank=r, world=2, workers=2, max_epochs=1), 10_000)
+               for r in range(2)]
+    ids = [i for rank in batches for b in rank if b["weight"] for i in b["ids"]]
+    assert sorted(ids) == list(range(index.num_samples))
+    log = server.take_log()
+    gets = collections.Counter(r.path for r in log if r.method == "GET" and r.path.endswith(".tar"))
+    assert sorted(gets.values()) == [1] * len(index.shards), gets
+    assert bytes_sent(log, "/tar/train/", ".tar") == sum(p.stat().st_size for p in folder.glob("*.tar"))
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_default_config_fetches_each_chunk_once_per_epoch(served, tmp_path):
+    """The acceptance test: `torchrun --nproc_per_node 2 -m distlstm.train` with 2 DataLoader workers
+    per rank and otherwise the default data config, streaming train and valid splits over HTTP for
+    one epoch (evaluation at the end). Every train chunk is fetched exactly once, every valid chunk
+    once (one evaluation, each rank its share), and every train sample is consumed exactly once."""
+    server, index, cache = served
+    open_index(server.url("pq/valid/"), cache_dir=cache)
+    server.take_log()
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distlstm.train",
+           "--data.train", server.url("pq/train/"), "--data.valid", server.url("pq/valid/"),
+           "--data.cache_dir", str(cache), "--data.num_workers", "2", "--train.max_epochs", "1",
+           "--train.max_steps", "0", "--train.eval_every", "0", "--model.hidden_size", "16",
+           "--model.embed_size", "8", "--train.run_dir", str(run_dir), "--log.progress", "false",
+           "--log.tensorboard", "false", "--log.sample_ids", "true", "--checkpoint.at_end", "false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "4 stream(s)" in proc.stdout, proc.stdout[-3000:]
+    log = server.take_log()
+    for split, chunks in (("train", index.num_chunks), ("valid", None)):
+        fetched = _fetches(log, f"/pq/{split}/", _chunk_ranges(server.root / "pq" / split, ["tokens", "label"]))
+        assert max(fetched.values()) == 1, f"{split}: chunks fetched twice: {[c for c, n in fetched.items() if n > 1]}"
+        if chunks is not None:
+            assert len(fetched) == chunks, f"{split}: {chunks - len(fetched)} chunks never fetched"
+    seen = collections.Counter()
+    for path in (run_dir / "samples").glob("rank*.txt"):
+        for line in path.read_text().splitlines():
+            seen.update(int(i) for i in line.split()[2:])
+    assert sorted(seen) == list(range(index.num_samples)) and set(seen.values()) == {1}
+    assert np.isfinite(json.loads((run_dir / "final.json").read_text())["valid_loss"])
