@@ -281,29 +281,42 @@ class _Stream(IterableDataset):
         self.seed, self.dp_rank, self.dp_world_size = seed, dp_rank, dp_world_size
         self.epoch, self.consumed, self.max_epochs = epoch, consumed, max_epochs
 
+    def _plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(self.index.chunk_offsets, self.index.lengths, self.params_for(epoch), seed=self.seed,
+                         epoch=epoch)
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         k, epoch, start, N = 0, self.epoch, self.consumed, self.dp_world_size
+        ahead = self.assembler.fetcher is not None  # remote data: name the next window to start early
+        plan = None
         while not self.max_epochs or epoch < self.max_epochs:
-            params = self.params_for(epoch)
-            plan = EpochPlan(self.index.chunk_offsets, self.index.lengths, params, seed=self.seed, epoch=epoch)
+            plan = plan if plan is not None and plan.epoch == epoch else self._plan(epoch)
             if plan.num_batches == 0:
                 raise ValueError("the plan has no batches: the dataset is empty or every sample was dropped "
                                  "(data.too_long=drop with a small data.max_length?)")
             # Windows this worker holds at once: one per stream it reads (streams / (ranks x workers)).
-            self.assembler.max_windows = max(1, -(-params.streams // (N * workers)))
-            if self.assembler.fetcher is not None:
+            self.assembler.max_windows = max(1, -(-plan.params.streams // (N * workers)))
+            if ahead:
                 self.assembler.fetcher.max_pending = self.assembler.max_windows
-            for i in range(plan.batches_per_rank(N, start)):
+            count, following = plan.batches_per_rank(N, start), None
+            for i in range(count):
                 if k % workers == worker:
                     g = start + self.dp_rank + i * N
                     ids, filler = plan.rank_batch(i, dp_rank=self.dp_rank, dp_world_size=N, start=start)
+                    upcoming = plan.next_window_chunks(g) if ahead else None
+                    if ahead and upcoming is None and (not self.max_epochs or epoch + 1 < self.max_epochs):
+                        # The stream's last window: the next is this worker's first of the next epoch.
+                        following = following or self._plan(epoch + 1)
+                        first = (worker - (k - i + count)) % workers
+                        if first < following.batches_per_rank(N):
+                            upcoming = following.window_chunks(self.dp_rank + first * N)
                     yield self.assembler(ids, weight=0.0 if filler else 1.0, epoch=epoch,
                                          consumed=start + (i + 1) * N, window=plan.window_chunks(g),
-                                         shape=plan.batch_shape(g), next_window=plan.next_window_chunks(g))
+                                         shape=plan.batch_shape(g), next_window=upcoming)
                 k += 1
-            epoch, start = epoch + 1, 0
+            epoch, start, plan = epoch + 1, 0, following
 
 
 class BatchLoader:
