@@ -71,7 +71,8 @@ class HttpServer:
         return f"http://{host}:{self.port}/{name}" + (f"?{query}" if query else "")
 
     def fail_once(self, name: str, kind: str = "503", times: int = 1) -> None:
-        """Make the next `times` requests for /name fail: "503", "429", "500" or "reset"."""
+        """Make the next `times` requests for /name fail: "503", "429", "500", "reset", or "cut" (the
+        next GET sends half its body, then closes the connection)."""
         with self.lock:
             self.failures.setdefault("/" + name, []).extend([kind] * times)
 
@@ -109,8 +110,13 @@ def _make_handler(server: HttpServer):
         def _inject(self, path: str, record: Request) -> bool:
             with server.lock:
                 pending = server.failures.get(path)
-                kind = pending.pop(0) if pending else None
+                kind = pending[0] if pending and (self.command == "GET" or pending[0] != "cut") else None
+                if kind is not None:
+                    pending.pop(0)
             if kind is None:
+                return False
+            if kind == "cut":
+                self.cut = True
                 return False
             if kind == "reset":
                 # RST instead of FIN: the client sees "connection reset by peer".
@@ -133,6 +139,7 @@ def _make_handler(server: HttpServer):
             self.end_headers()
 
         def _serve(self, body: bool) -> None:
+            self.cut = False
             path = self.path.split("?", 1)[0]
             record = Request(self.command, path, self.headers.get("Range"))
             with server.lock:
@@ -170,6 +177,9 @@ def _make_handler(server: HttpServer):
                 with open(file, "rb") as f:
                     f.seek(start)
                     data = f.read(end - start)
+                if self.cut:  # half the body, then the connection drops (the client sees a short body)
+                    data = data[:len(data) // 2]
+                    self.close_connection = True
                 try:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):

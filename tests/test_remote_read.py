@@ -189,6 +189,29 @@ def test_tar_shards_are_streamed_once_per_owner(tmp_path, http_server, http_serv
     assert bytes_sent(log, "/tar/train/", ".tar") == sum(p.stat().st_size for p in folder.glob("*.tar"))
 
 
+@pytest.mark.timeout(60)
+def test_a_stream_cut_midway_is_resumed_and_a_range_cut_is_retried(tmp_path, http_server):
+    """A tar shard's stream that breaks off midway is re-opened and continued where it stopped; a
+    row group's range that comes back short is fetched again: the data equals the local file's."""
+    from distlstm.data.formats import read_parquet_chunk
+    from distlstm.data.tar import read_tar_chunk
+    tar_dir = _prep(tmp_path, http_server.root / "tar", fmt="tar", n=300) / "train"
+    name = sorted(p.name for p in tar_dir.glob("*.tar"))[0]
+    http_server.fail_once(f"tar/train/{name}", "cut")
+    remote = read_tar_chunk(http_server.url(f"tar/train/{name}"), task="classify")
+    local = read_tar_chunk(str(tar_dir / name), task="classify")
+    assert remote.keys == local.keys and np.array_equal(remote.values, local.values)
+    assert http_server.count(f"tar/train/{name}", "GET") == 2
+    pq_dir = _prep(tmp_path, http_server.root / "pq") / "train"
+    index = open_index(http_server.url("pq/train/"), cache_dir=tmp_path / "cache")
+    shard = Path(index.shards[0]).name
+    http_server.fail_once(f"pq/train/{shard}", "cut")
+    got = read_parquet_chunk(index.shards[0], 2, sequence_column="tokens", label_column="label",
+                             source=index.remote_source(0))
+    want = read_parquet_chunk(str(pq_dir / shard), 2, sequence_column="tokens", label_column="label")
+    assert np.array_equal(got.values, want.values) and np.array_equal(got.labels, want.labels)
+
+
 # ---------------------------------------------------------------------------------------------- torchrun
 
 
