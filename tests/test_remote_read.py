@@ -190,6 +190,46 @@ def test_tar_shards_are_streamed_once_per_owner(tmp_path, http_server, http_serv
 
 
 @pytest.mark.timeout(60)
+def test_object_store_reads_exact_ranges_through_fsspec(tmp_path):
+    """Object stores go through fsspec's cat_file (here its in-memory filesystem, a real fsspec
+    backend): every row group read is exactly its column chunks, and batches equal local ones."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    folder = lw.write_parquet(tmp_path / "pq", 400, rows_per_group=25, shards=2, seed=3)
+    fs = fsspec.filesystem("memory")
+    for p in folder.glob("*.parquet"):
+        fs.pipe(f"/bucket/pq/{p.name}", p.read_bytes())
+    reads = []
+    original = MemoryFileSystem.cat_file
+
+    def counting_cat_file(self, path, start=None, end=None, **kw):
+        reads.append((path.rsplit("/", 1)[-1], start, end))
+        return original(self, path, start=start, end=end, **kw)
+
+    try:
+        index = open_index("memory://bucket/pq/*.parquet", cache_dir=tmp_path / "cache")
+        MemoryFileSystem.cat_file = counting_cat_file
+        remote = lw.take(lw.make_loader(None, None, index=index, max_epochs=1), 10_000)
+    finally:
+        MemoryFileSystem.cat_file = original
+        fs.rm("/bucket", recursive=True)
+    local = lw.take(lw.make_loader(str(folder), tmp_path / "cache-local", max_epochs=1), 10_000)
+    assert remote == local
+    expected = {(name, a, b) for (name, a, b) in _chunk_ranges_of(folder, ["tokens", "label"])}
+    assert sorted(reads) == sorted(expected), "reads other than each row group's column chunks, once"
+
+
+def _chunk_ranges_of(folder: Path, columns: list[str]) -> list[tuple[str, int, int]]:
+    out = []
+    for path in sorted(folder.glob("*.parquet")):
+        md = pq.read_metadata(path)
+        for g in range(md.num_row_groups):
+            out += [(path.name, a, b) for a, b in coalesce(column_chunk_ranges(md, g, columns))]
+    return out
+
+
+@pytest.mark.timeout(60)
 def test_a_stream_cut_midway_is_resumed_and_a_range_cut_is_retried(tmp_path, http_server):
     """A tar shard's stream that breaks off midway is re-opened and continued where it stopped; a
     row group's range that comes back short is fetched again: the data equals the local file's."""
