@@ -74,7 +74,8 @@ def train_epoch(server: HttpServer, cache: Path, run_dir: Path, *, nproc: int, w
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
     server.take_log()
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    # cwd: not this checkout, or `python -m` would import its distlstm whatever PYTHONPATH says.
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=run_dir.parent)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-4000:]}")
