@@ -15,7 +15,7 @@ from distlstm.data.batch import Chunk
 from distlstm.data.plan import _segments
 from distlstm.data.errors import BadSampleError
 from distlstm.data.parquet_remote import RemoteParquetFile, Source, fetch_footer, parse_footer
-from distlstm.data.sources import open_file, redact
+from distlstm.data.sources import redact
 from distlstm.tasks import get_task
 
 
