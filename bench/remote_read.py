@@ -15,7 +15,7 @@ trains one epoch with the default data settings (`--model.task lm`, evaluation a
       for torchrun 2 ranks x 2 workers (gloo); requests per chunk printed;
   (b) the loader alone over 10 epochs (no model), from HTTP on loopback >= 0.8x its tokens/s from
       local disk, 1 process, 0 and 1 DataLoader workers (best of 5 each, alternating), judged on
-      256-row groups (52 KB: the same text prepared with --rows-per-group 256, still 4x smaller than
+      256-row groups (45 KB: the same text prepared with --rows-per-group 256, still 4x smaller than
       prep's default); the 30-row groups (6 KB) of (a) are printed too: there a request costs more
       CPU (client, loopback TCP, the Python test server) than decoding the row group.
 
