@@ -289,7 +289,9 @@ class _Stream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         k, epoch, start, N = 0, self.epoch, self.consumed, self.dp_world_size
-        ahead = self.assembler.fetcher is not None  # remote data: name the next window to start early
+        # Remote Parquet: name the next window so that it is fetched while this one is batched. Not
+        # for tar, where a chunk is a whole shard and a second window in memory could be gigabytes.
+        ahead = self.assembler.fetcher is not None and "tar" not in self.index.formats
         plan = None
         while not self.max_epochs or epoch < self.max_epochs:
             plan = plan if plan is not None and plan.epoch == epoch else self._plan(epoch)

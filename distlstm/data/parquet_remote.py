@@ -173,6 +173,9 @@ class RemoteParquetFile:
         if source.size is None:
             source = dataclasses.replace(source, size=file_info(source.url, storage_options=source.storage_options,
                                                                 retries=source.retries)["size"])
+            if source.size is None:
+                raise OSError(f"{redact(source.url)}: the server does not report the file's size (no "
+                              f"Content-Length), which reading Parquet row groups by byte range needs")
         self.source = source
         self.metadata = metadata if metadata is not None else _metadata(source)
         self.schema_arrow = self.metadata.schema.to_arrow_schema()
