@@ -357,3 +357,35 @@ def test_rank_death_with_a_torchrun_restart_resumes_bit_exact(clean_two, workdir
     got = final(run_dir)
     assert got["step"] == TWO_STEPS
     assert got["param_hash"] == clean_two["param_hash"], "the restarted job diverged from a clean 2-rank run"
+
+
+# ---------------------------------------------------------------- 5. several plan streams (data.streams=auto)
+
+
+@pytest.mark.slow
+def test_elastic_resume_with_four_plan_streams_consumes_every_sample_once(workdir):
+    """The synthetic set above has 2 row groups, so data.streams=auto plans one stream there. Here a
+    raw Parquet set of 48 row groups: 2 ranks x 2 workers plan 4 streams (one reader per chunk),
+    stop mid-epoch, and resume on 3 ranks x 1 worker, which does not divide 4. The checkpoint records
+    the 4 streams, the epoch in progress finishes on that plan, and every sample is consumed once."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import _loader_worker as lw
+    data = lw.write_parquet(workdir / "pq48", 1200, rows_per_group=25, shards=3, seed=7)
+    args = ["--data.train", str(data), "--model.task", "classify", "--model.vocab_size", str(lw.VOCAB),
+            "--model.num_classes", str(lw.NUM_CLASSES), "--model.hidden_size", "16", "--data.max_tokens", "512",
+            "--train.max_epochs", "1", "--train.max_steps", "0", "--train.eval_every", "0",
+            "--log.progress", "false", "--log.tensorboard", "false", "--log.sample_ids", "true"]
+    run_dir = workdir / "runs" / "streams"
+    stop = 8
+    first = ok(launch(run_dir, [*args, "--data.num_workers", "2"], nproc=2,
+                      fault={"action": "signal", "sig": "SIGUSR1", "step": stop, "rank": 0}))
+    assert "4 stream(s)" in first.out and f"checkpoint committed at step {stop}" in first.out, first.out[-3000:]
+    loader = json.loads((run_dir / "checkpoints" / f"step-{stop:06d}" / "extra.json").read_text())["loader"]
+    assert (loader["epoch"], loader["consumed"], loader["streams"]) == (0, 2 * stop, 4), loader
+    second = ok(launch(run_dir, [*args, "--data.num_workers", "1"], nproc=3))
+    assert resumed_step(second) == stop and "saved by 2 ranks, now 3" in second.out, second.out[-3000:]
+    seen = sample_log(run_dir)
+    assert sorted(seen) == [0]
+    twice = sorted(i for i, c in seen[0].items() if c > 1)
+    missing = sorted(set(range(1200)) - set(seen[0]))
+    assert not twice and not missing, f"{len(twice)} ids consumed twice {twice[:10]}, {len(missing)} never {missing[:10]}"
