@@ -189,6 +189,20 @@ def test_tar_shards_are_streamed_once_per_owner(tmp_path, http_server, http_serv
     assert bytes_sent(log, "/tar/train/", ".tar") == sum(p.stat().st_size for p in folder.glob("*.tar"))
 
 
+def test_a_range_is_the_range_whatever_the_server(http_server, http_server_no_ranges):
+    """fsspec's cat_file hands back whatever body comes back: from a server that ignores Range, the
+    whole file as if it were the range. read_bytes/read_ranges check the status and slice."""
+    from distlstm.data.sources import read_bytes, read_ranges
+    data = bytes(range(256)) * 40
+    for server in (http_server, http_server_no_ranges):
+        (server.root / "blob.bin").write_bytes(data)
+        url = server.url("blob.bin")
+        assert read_bytes(url, 100, 164) == data[100:164]
+        assert read_ranges(url, [(0, 10), (5000, 5100), (-7, None)]) == [data[:10], data[5000:5100], data[-7:]]
+    assert http_server.count("blob.bin", "GET") == 4  # one request per range (the first alone)
+    assert http_server_no_ranges.count("blob.bin", "GET") == 1  # the whole file once, then from memory
+
+
 @pytest.mark.timeout(60)
 def test_object_store_reads_exact_ranges_through_fsspec(tmp_path):
     """Object stores go through fsspec's cat_file (here its in-memory filesystem, a real fsspec

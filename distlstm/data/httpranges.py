@@ -156,7 +156,7 @@ def get_range(url: str, start: int, end: int | None, cap: int, headers: dict | N
         except (TooBig, OSError, http.client.HTTPException):
             _drop(scheme, netloc)  # a body left unread would corrupt the next response
             raise
-    raise HttpStatusError(310, url)  # too many redirects
+    raise OSError(f"{url}: more than {_MAX_REDIRECTS} redirects")
 
 
 # ---------------------------------------------------------------------------------------------- aiohttp
