@@ -60,6 +60,15 @@ def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> 
             raise ConfigError(f"{section}.{name}={value!r} must be {need}")
 
 
+LOG_BACKENDS = ("mlflow", "wandb")
+
+
+def _metric_name(key: str, value: str) -> None:
+    if not value.startswith("valid_") or value == "valid_items":
+        raise ConfigError(f"{key}={value!r} is not a validation metric; use valid_loss or valid_<metric> "
+                          "(valid_accuracy for classify/tag, valid_perplexity for lm, valid_mse for regress)")
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Where the samples come from and how they are batched."""
@@ -219,6 +228,10 @@ class TrainConfig:
                                               "and the memory of one)")
     ddp_static_graph: str = opt("auto", "DDP static_graph; auto = on when train.accum_steps = 1 (DDP does not "
                                         "support it with no_sync gradient accumulation)", ("auto", "on", "off"))
+    early_stop_patience: int = opt(0, "stop after this many evaluations in a row without a new best "
+                                      "train.early_stop_metric; 0 = never")
+    early_stop_metric: str = opt("valid_loss", "validation metric early stopping watches: valid_loss or "
+                                               "valid_<the task's metric> (valid_accuracy, valid_perplexity, valid_mse)")
 
     def __post_init__(self) -> None:
         _check_choices("train", self)
@@ -227,7 +240,8 @@ class TrainConfig:
             raise ConfigError(f"train.ddp_static_graph=on cannot be combined with train.accum_steps="
                               f"{self.accum_steps} (DDP's static graph does not support no_sync); use auto or off")
         _positive("train", self, "max_steps", "max_epochs", "eval_every", "eval_max_batches", "threads",
-                  allow_zero=True)
+                  "early_stop_patience", allow_zero=True)
+        _metric_name("train.early_stop_metric", self.early_stop_metric)
         if self.max_steps == 0 and self.max_epochs == 0:
             raise ConfigError("train.max_steps and train.max_epochs are both 0; set one of them")
 
@@ -245,10 +259,14 @@ class CheckpointConfig:
                               "never; or a checkpoint path")
     async_save: bool = opt(False, "write checkpoint files in the background; the step waits only for the copy")
     max_requeues: int = opt(3, "SLURM: requeue the job after a preemption signal at most this many times")
+    keep_best: str = opt("", "also keep the checkpoint with the best value of this validation metric "
+                             "(valid_loss, valid_accuracy, ...), saved when it improves; empty = off")
 
     def __post_init__(self) -> None:
         _positive("checkpoint", self, "every_steps", "every_minutes", "keep_every", "max_requeues", allow_zero=True)
         _positive("checkpoint", self, "keep_last")
+        if self.keep_best:
+            _metric_name("checkpoint.keep_best", self.keep_best)
 
 
 @dataclass(kw_only=True)
@@ -260,9 +278,15 @@ class LogConfig:
     tensorboard: bool = opt(True, "write TensorBoard event files into the run directory")
     sample_ids: bool = opt(False, "audit trail: append each step's sample ids to samples/rank<N>.txt "
                                   "in the run directory (which rank consumed what, and when)")
+    backends: str = opt("", "also log to these, comma-separated: mlflow (MLFLOW_TRACKING_URI, extra [mlflow]), "
+                            "wandb (WANDB_MODE=offline works without an account, extra [wandb]); empty = none")
+    experiment: str = opt("distlstm", "MLflow experiment / W&B project the run is logged under")
 
     def __post_init__(self) -> None:
         _positive("log", self, "every_steps")
+        for name in filter(None, (b.strip() for b in self.backends.split(","))):
+            if name not in LOG_BACKENDS:
+                raise ConfigError(f"log.backends: {name!r} is not one of {', '.join(LOG_BACKENDS)}")
 
 
 @dataclass(kw_only=True)
@@ -409,6 +433,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if path is None:
             raise
         raise ConfigError(f"{exc} (from config file {path} and the command line)") from exc
+
+
+def config_from_dict(raw: dict[str, dict[str, Any]]) -> Config:
+    """A Config from {section: {key: value}} (a saved config.json), checked like a TOML file."""
+    values: dict[str, dict[str, Any]] = {}
+    _apply(raw, from_cli=False, base=values)
+    return _build(values)
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

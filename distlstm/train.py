@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from distlstm.build import build_run, total_steps  # noqa: F401 (total_steps: public here too)
 from distlstm.config import Config, ConfigError, help_text, load_config, to_toml
@@ -65,21 +63,19 @@ def _debug_mode(cfg: Config) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def resolve_run_dir(cfg: Config, world: World, group) -> Path:
-    """The run directory, the same on every rank (the leader's timestamp is broadcast)."""
-    name = cfg.train.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")
-    if world.is_distributed and not cfg.train.run_dir:
-        box = [name]
-        dist.broadcast_object_list(box, src=0, group=group)
-        name = box[0]
-    run_dir = Path(name)
+def resolve_run_dir(cfg: Config, world: World, group, config_name: str = "default") -> Path:
+    """The run directory, the same on every rank: train.run_dir, else derived from the config (see
+    distlstm/rundir.py), so that starting the same command again resumes the same run."""
+    from distlstm.rundir import default_run_dir
+    run_dir = Path(cfg.train.run_dir or default_run_dir(cfg, config_name))
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        argv = sys.argv[1:] if argv is None else argv
+        cfg = parse_args(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -92,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     init_process_group(world, backend=backend, timeout_s=cfg.train.timeout_s, device=device)
     finished = False
     try:
-        code = run(cfg, world, device, backend)
+        code = run(cfg, world, device, backend, config_name=_config_name(argv))
         finished = True
         return code
     except (ValueError, OSError) as exc:
@@ -106,22 +102,36 @@ def main(argv: list[str] | None = None) -> int:
         destroy_process_group(barrier=finished)
 
 
-def run(cfg: Config, world: World, device: torch.device, backend: str) -> int:
+def _config_name(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1]).stem
+        if arg == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1]).stem
+    return "default"
+
+
+def run(cfg: Config, world: World, device: torch.device, backend: str, config_name: str = "default") -> int:
     log = (lambda msg: print(msg, flush=True)) if world.is_leader else (lambda msg: None)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     _debug_mode(cfg)
     group = control_group(backend)
-    run_dir = resolve_run_dir(cfg, world, group)
-    if not cfg.train.run_dir and cfg.checkpoint.resume == "auto":
-        log(f"run directory {run_dir} is new: to resume this run after a stop, start it again with "
-            f"--train.run_dir {run_dir}")
+    run_dir = resolve_run_dir(cfg, world, group, config_name)
+    from distlstm.rundir import finished_message
+    done = finished_message(cfg, run_dir)
+    if done:
+        log(done)
+        return 0
+    log(f"run directory {run_dir} (the same command again resumes it)")
     log(describe(world) + f", device {device}, backend {backend if world.is_distributed else '-'}")
     built = build_run(cfg, world, device, group=group, log=log, run_dir=run_dir)
     cfg = built.cfg
     if world.is_leader:
         # Resolved (model.input and the data-derived sizes filled in): it rebuilds this model.
         (run_dir / "config.toml").write_text(to_toml(cfg, redact=redact))
+        from distlstm.artifacts import copy_data_files
+        copy_data_files(built.train_index, run_dir)  # vocab.json / labels.json: what reads new text
         log("config:\n" + to_toml(cfg, redact=redact))
 
     from distlstm.checkpoint import CheckpointManager
@@ -177,14 +187,20 @@ def resume(cfg: Config, trainer: Trainer, checkpoints, log) -> None:
 
 
 def finish(trainer: Trainer, run_dir: Path, result: dict, world: World, log) -> None:
-    """Final metrics and the trained weights (plain tensors, loadable with weights_only=True)."""
+    """Final metrics and the trained weights: model.safetensors + config.json (+ the vocabulary),
+    what `distlstm.load` and the other commands read; model.pt (plain tensors, loadable with
+    torch.load(weights_only=True)) is kept for scripts written against earlier versions.
+    final.json is written last and atomically: it marks the run finished (distlstm/rundir.py)."""
     from distlstm.train_state import tree_hash
     model = unwrap(trainer.model)
     summary = {**result, "param_hash": tree_hash(model), "tokens": trainer.state.tokens,
                "elapsed_s": round(trainer.state.elapsed_s, 2)}
     if world.is_leader:
+        from distlstm.artifacts import write_model
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / "model.pt")
-        (run_dir / "final.json").write_text(json.dumps(summary, indent=1))
+        write_model(model, trainer.cfg, run_dir, step=trainer.state.step)
+        (run_dir / "final.json.tmp").write_text(json.dumps(summary, indent=1))
+        (run_dir / "final.json.tmp").replace(run_dir / "final.json")
         metrics = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
         log(f"done: {metrics}\nrun directory: {run_dir}")
 

@@ -48,6 +48,10 @@ class Manifest:
     num_targets: int | None = None
     num_samples: int | None = None
     num_tokens: int | None = None
+    vocab: str | None = None
+    """The vocabulary file (prep's vocab.json) relative to the manifest's folder, for text inputs."""
+    labels: str | None = None
+    """The label names file (prep's labels.json) relative to the manifest's folder, for string labels."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Keys this version does not know, kept as they are."""
     root: str = field(default="", compare=False)
@@ -102,6 +106,12 @@ class Manifest:
         """Every shard's path or URL, relative ones resolved against the manifest's folder."""
         return [s.path if "://" in s.path or os.path.isabs(s.path) else f"{self.root.rstrip('/')}/{s.path}"
                 for s in self.shards]
+
+    def resource(self, name: str | None) -> str | None:
+        """A file the manifest names (`vocab`, `labels`) as a path or URL, resolved like a shard."""
+        if not name:
+            return None
+        return name if "://" in name or os.path.isabs(name) else f"{self.root.rstrip('/')}/{name}"
 
     def dims(self) -> dict[str, int]:
         """The model sizes the data decides (0 where the manifest does not say)."""

@@ -503,6 +503,7 @@ def _write_manifest(directory: str, a, s: Survey, shards: list[dict]) -> Manifes
         label_column=task.label_column, vocab_size=None if features else (len(s.itos) if s.itos else s.max_token_id + 1),
         num_classes=num_classes, input_size=s.input_size if features else None,
         num_samples=sum(x["num_samples"] for x in shards), num_tokens=sum(x["num_tokens"] for x in shards),
+        vocab="../vocab.json" if s.itos else None, labels="../labels.json" if s.label_ids else None,
         shards=[ShardInfo(**x) for x in shards])
     manifest.write(directory)  # the manifest appears last: a commit marker
     return manifest

@@ -1,0 +1,44 @@
+"""Where a run lives when `train.run_dir` is not given, and what starting a finished run again does.
+
+The directory is derived from the command, not the clock: `runs/<config name>-<8 hex digits>`, the
+digits a hash of the whole config as given (every section; `train.run_dir` and
+`checkpoint.resume` left out). So the same command (same config file and overrides) always names
+the same directory: after a stop, a crash or a preemption, starting it again resumes from the
+newest valid checkpoint there (`checkpoint.resume=auto`). Any changed option names a new
+directory, so two different experiments never share one.
+
+A finished run (its `final.json` is written last) is never overwritten silently: starting the
+same command again prints where its results are and exits without training. To continue a finished
+run for more steps, name its directory with `--train.run_dir` and raise `--train.max_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from distlstm.config import Config, to_toml
+
+
+def default_run_dir(cfg: Config, config_name: str = "default") -> str:
+    key = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=""),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
+    digest = hashlib.sha256(to_toml(key).encode()).hexdigest()[:8]
+    return f"runs/{config_name}-{digest}"
+
+
+def finished_message(cfg: Config, run_dir: Path) -> str | None:
+    """A message when `run_dir` holds a finished run that this config would not train further."""
+    try:
+        final = json.loads((run_dir / "final.json").read_text())
+    except (OSError, ValueError):
+        return None
+    step = int(final.get("step", 0))
+    if cfg.train.max_steps and step < cfg.train.max_steps and final.get("stopped") == "finished":
+        return None  # train.max_steps was raised: continue from the last checkpoint
+    return (f"run directory {run_dir} already holds a finished run (step {step}, stopped: "
+            f"{final.get('stopped', '?')}; results in {run_dir / 'final.json'}): nothing to train. To train "
+            f"again, pass --train.run_dir with a new directory (or delete this one); to train it further, "
+            f"pass --train.run_dir {run_dir} with a larger --train.max_steps")
