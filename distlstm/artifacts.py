@@ -205,14 +205,12 @@ def load(path: str | Path, *, checkpoint: str | None = None, device: str | torch
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (expected a run directory, a checkpoint or an exported model)")
-    ckpt = None
-    if (path / ".metadata").is_file() or (path / "MANIFEST.json").is_file():  # checkpoints/step-N
-        run_dir, ckpt = path.parent.parent, path
-    else:
-        run_dir = path
-        if checkpoint is not None or not (path / WEIGHTS).is_file():
-            ckpt = resolve_checkpoint(run_dir, checkpoint or "latest")
+    is_checkpoint = (path / ".metadata").is_file() or (path / "MANIFEST.json").is_file()  # checkpoints/step-N
+    run_dir = path.parent.parent if is_checkpoint else path
     cfg = _run_config(run_dir)
+    ckpt = path if is_checkpoint else None
+    if not is_checkpoint and (checkpoint is not None or not (path / WEIGHTS).is_file()):
+        ckpt = resolve_checkpoint(run_dir, checkpoint or "latest")
     try:
         model = build_model(cfg.model)
     except ValueError as exc:

@@ -435,10 +435,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{exc} (from config file {path} and the command line)") from exc
 
 
-def config_from_dict(raw: dict[str, dict[str, Any]]) -> Config:
-    """A Config from {section: {key: value}} (a saved config.json), checked like a TOML file."""
+def config_from_dict(raw: dict[str, dict[str, Any]], overrides: list[str] | None = None) -> Config:
+    """A Config from {section: {key: value}} (a saved config.json), checked like a TOML file, then
+    the command-line `overrides`."""
     values: dict[str, dict[str, Any]] = {}
     _apply(raw, from_cli=False, base=values)
+    _apply(parse_overrides(overrides or []), from_cli=True, base=values)
     return _build(values)
 
 

@@ -1,0 +1,143 @@
+"""`python -m distlstm.predict RUN --data SPEC --out DIR`: a trained model's predictions as Parquet.
+
+    python -m distlstm.predict runs/default-1a2b3c4d --data data/new --out preds/
+    torchrun --nproc_per_node=4 -m distlstm.predict RUN --data 'shards/test-{00000..00031}.parquet' --out preds/
+
+Each rank writes `DIR/predictions-rank<R>.parquet`, one row per input sample it predicted; together
+the files hold every sample of SPEC exactly once (the filler batches that keep ranks in lockstep are
+dropped). Columns: `sample_id` (the sample's position in SPEC: shards in order, rows in order),
+`shard` (file name) and `row` (row within it), `length` (steps the model read: data.max_length
+truncates), then by task:
+
+    classify  prediction (class id), probabilities (list<float32>, one per class)
+    regress   prediction (float32, or list<float32> for several targets)
+    tag       prediction (list<int64>: one tag per step)
+    lm        prediction (list<int64>: the most likely next token after each step)
+
+The data needs no labels (a label column or member, if present, is not read). Rows come in the
+loader's order (length-bucketed), not the input order: sort by sample_id to restore it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser, run_config, session, split_overrides
+from distlstm.tasks import IGNORE_INDEX, Task
+
+
+def unlabelled(task: Task) -> Task:
+    """`task` for data without labels: no label checks, placeholder targets, and for lm the whole
+    sequence as input (training drops the last token because it has no next token to predict)."""
+    base = type(task)
+
+    class Unlabelled(base):
+        # Which label column or tar member the reader fetches is keyed by the task name; "lm" names
+        # none, so labels are never read (the index's label column is also cleared in `run`).
+        name = "lm"
+        min_length = 1
+
+        def check_labels(self, labels, offsets, num_classes):
+            return []
+
+        def batch_arrays(self, inputs, lengths, labels, *, pos, starts, mask):
+            fill = np.full(mask.shape, IGNORE_INDEX, np.int64) if base.per_step else np.zeros(len(pos), np.int64)
+            return inputs, lengths, fill
+
+    Unlabelled.__name__ = f"Unlabelled{base.__name__}"
+    return Unlabelled()
+
+
+def predictions(task: Task, outputs: torch.Tensor, lengths: torch.Tensor) -> dict[str, list]:
+    """Per-sample prediction columns from a batch's model outputs (float32 on the host)."""
+    out = outputs.float().cpu()
+    if task.name == "classify":
+        probs = torch.softmax(out, dim=-1)
+        return {"prediction": probs.argmax(-1).tolist(), "probabilities": probs.tolist()}
+    if task.name == "regress":
+        return {"prediction": out.tolist()}
+    best = out.argmax(-1)
+    return {"prediction": [row[:n].tolist() for row, n in zip(best, lengths.tolist())]}
+
+
+def run(argv: list[str]) -> int:
+    p = parser("predict", __doc__)
+    p.add_argument("--data", required=True, help="the samples to predict: a prepared folder, files, globs, "
+                                                 "brace ranges or URLs, as data.train takes")
+    p.add_argument("--out", required=True, help="folder for predictions-rank<R>.parquet (created)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    own, overrides = split_overrides(argv)
+    args = p.parse_args(own)
+    run_dir, out = Path(args.run), Path(args.out)
+    if out.resolve() == run_dir.resolve():
+        raise ValueError(f"--out {out} is the run directory; predictions go into a folder of their own")
+    # Every sample gets a prediction: too long ones are truncated to data.max_length, not dropped.
+    cfg = run_config(run_dir, ["--data.too_long", "truncate"] + overrides + ["--data.valid", args.data])
+    from distlstm.build import build_run
+    from distlstm.data.loader import build_loader
+    with session(cfg) as s:
+        built = build_run(cfg, s.world, s.device, group=s.group, log=s.log, run_dir=None, training=False)
+        loaded = load_weights(built.model, run_dir, args.checkpoint)
+        index, task, m = built.valid_index, built.task, built.cfg.model
+        index.label_column = None
+        loader = build_loader(index, cfg.data, task=unlabelled(task), dp_rank=s.world.rank,
+                              dp_world_size=s.world.world_size, vocab_size=m.vocab_size, num_classes=m.num_classes,
+                              pin_memory=False, run_dir=None, shuffle=False, max_epochs=1, num_workers=0)
+        columns = _predict(built.model, loader, task, index, built.amp, s.device)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"predictions-rank{s.world.rank:05d}.parquet"
+        pq.write_table(pa.table(columns), path)  # one file per rank: no cross-rank traffic
+        if s.world.is_leader:
+            from distlstm.data.sources import redact
+            (out / "predict.json").write_text(json.dumps({
+                "run": str(run_dir), "data": redact(args.data), "checkpoint": loaded["checkpoint"],
+                "step": loaded["step"], "task": task.name, "world_size": s.world.world_size,
+                "num_samples": index.num_samples, "files": [f"predictions-rank{r:05d}.parquet"
+                                                            for r in range(s.world.world_size)]}, indent=1))
+        s.log(f"rank {s.world.rank}: {len(columns['sample_id'])} predictions -> {path}")
+    return 0
+
+
+@torch.no_grad()
+def _predict(model, loader, task: Task, index, amp, device) -> dict[str, list]:
+    model.eval()
+    cols: dict[str, list] = {"sample_id": [], "length": []}
+    for batch in loader:
+        if batch.weight == 0:
+            continue  # a filler (a repeat of a real batch, so every rank has the same count) or a stand-in
+        dev = batch.to(device)
+        with amp.autocast():
+            outputs = model(dev.inputs, dev.lengths, lengths_cpu=batch.lengths)
+        cols["sample_id"] += batch.sample_ids.tolist()
+        cols["length"] += batch.lengths.tolist()
+        for key, values in predictions(task, outputs, batch.lengths).items():
+            cols.setdefault(key, []).extend(values)
+    ids = np.asarray(cols["sample_id"], np.int64)
+    chunk = np.searchsorted(index.chunk_offsets, ids, side="right") - 1
+    shard = index.chunk_shard[chunk] if len(ids) else np.zeros(0, np.int64)
+    first = index.chunk_offsets[np.searchsorted(index.chunk_shard, shard)]
+    names = [s.split("?")[0].rstrip("/").rsplit("/", 1)[-1] for s in index.shards]
+    f32, i64 = pa.float32(), pa.int64()
+    kinds = {"classify": i64, "regress": f32 if getattr(model, "num_targets", 1) == 1 else pa.list_(f32)}
+    types = {"prediction": kinds.get(task.name, pa.list_(i64)), "probabilities": pa.list_(f32)}
+    table = {"sample_id": pa.array(ids, i64), "shard": pa.array([names[i] for i in shard.tolist()], pa.string()),
+             "row": pa.array(ids - first, i64), "length": pa.array(cols["length"], i64)}
+    for key in ("prediction", "probabilities"):
+        if key in cols or (key == "probabilities" and task.name == "classify") or key == "prediction":
+            table[key] = pa.array(cols.get(key, []), types[key])
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_wrapper(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
