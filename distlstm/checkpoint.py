@@ -12,6 +12,7 @@ Layout of ``run_dir``::
     step-000130.tmp/          a save in progress, or one that was killed; removed by the next save
     step-000100.deleting/     retention in progress, or killed mid-delete; removed by the next save
     latest                    name of the newest committed checkpoint, replaced atomically
+    best                      name of the checkpoint checkpoint.keep_best keeps (outside keep_last)
 
 Commit protocol: every rank writes into ``step-N.tmp``; each rank hashes the files it wrote; rank 0
 gathers the digests, fsyncs every file, writes MANIFEST.json, fsyncs, renames ``.tmp`` to ``step-N``
@@ -57,6 +58,7 @@ from distlstm.train_state import (  # noqa: F401  (rng_state, set_rng_state, tre
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+BEST = "best"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _REQUIRED_FILES = (".metadata", "state.json", "extra.json", MANIFEST)
 
@@ -183,6 +185,8 @@ class CheckpointManager:
                              "call torch.distributed.init_process_group first")
         self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="ckpt") if async_save else None
         self._pending: tuple[int, Path, cf.Future] | None = None
+        self.best_step: int | None = None
+        """checkpoint.keep_best: this step's checkpoint is kept outside keep_last and named by `best`."""
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -337,6 +341,9 @@ class CheckpointManager:
         pointer = self.run_dir / f"{LATEST}.tmp"
         _write_file(pointer, f"{final.name}\n".encode())
         os.replace(pointer, self.run_dir / LATEST)
+        if step == self.best_step:
+            _write_file(self.run_dir / f"{BEST}.tmp", f"{final.name}\n".encode())
+            os.replace(self.run_dir / f"{BEST}.tmp", self.run_dir / BEST)
         _fsync_path(self.run_dir)
 
     # ---- retention and cleanup (rank 0 only)
@@ -362,6 +369,8 @@ class CheckpointManager:
         keep = set(older[-self.keep_last:])
         if self.keep_every > 0:
             keep |= {s for s in older if s % self.keep_every == 0}
+        if self.best_step is not None:
+            keep.add(self.best_step)
         for s, path in sorted(committed.items()):
             if s > step:
                 self._log(f"checkpoint: removing {path}: newer than the step just saved ({step}), "
@@ -377,6 +386,7 @@ class CheckpointManager:
             if p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(".deleting")):
                 shutil.rmtree(p, ignore_errors=True)
         (self.run_dir / f"{LATEST}.tmp").unlink(missing_ok=True)
+        (self.run_dir / f"{BEST}.tmp").unlink(missing_ok=True)
 
     # ---- load
 

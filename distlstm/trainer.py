@@ -107,6 +107,8 @@ class Trainer:
                               "optim.schedule=constant|cosine")
         self.graphs = None
         """A distlstm.graphs.StepGraphs when train.cuda_graphs is on: it runs the steps it can replay."""
+        from distlstm.best import Watch
+        self.watch = Watch(cfg, self.task, has_valid=valid_loader is not None)
 
     # ------------------------------------------------------------------ the step
     def train_step(self, micro_batches: list[Batch]) -> None:
@@ -185,7 +187,7 @@ class Trainer:
         interval = _Interval()
         self._clock = time.perf_counter()
         last_save = time.monotonic()
-        result = {}
+        result, stopped = {}, "finished"
         while not cfg.train.max_steps or self.state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
             micro = list(islice(batches, cfg.train.accum_steps))
@@ -207,23 +209,40 @@ class Trainer:
             if self.state.step % cfg.log.every_steps == 0:
                 self._log_interval(interval)
                 interval = _Interval()
+            early = False
             if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
                 result = self.evaluate()
                 self._observe_plateau(result)
+                early = self._after_eval(result)
             stop, due = self._agree_flags(last_save)
             if stop or due or (cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0):
                 self.save()
                 last_save = time.monotonic()
             if stop:
                 return {"stopped": "preempted", "step": self.state.step}
+            if early:
+                self.log(f"early stop at step {self.state.step}: no better {cfg.train.early_stop_metric} in "
+                         f"{cfg.train.early_stop_patience} evaluations (train.early_stop_patience)")
+                stopped = "early_stop"
+                break
         if interval.steps:
             self._log_interval(interval)
         if not cfg.train.eval_every or self.state.step % cfg.train.eval_every or not result:
             result = self.evaluate()
+            self._after_eval(result, cadence=False)
         if cfg.checkpoint.at_end:
             self.save()
         self._flush_counters()
-        return {"stopped": "finished", "step": self.state.step, **result}
+        return {"stopped": stopped, "step": self.state.step, **result}
+
+    def _after_eval(self, result: dict, cadence: bool = True) -> bool:
+        """Keep the best checkpoint (a save now, protected from retention) and tell whether early
+        stopping says stop. Every rank has the same all-reduced result, so all decide alike."""
+        improved, stop = self.watch.update(self.state.best, result, self.state.step, cadence=cadence)
+        if improved and self.checkpoints is not None:
+            self.checkpoints.best_step = self.state.step
+            self.save()
+        return stop
 
     def _flush_counters(self) -> None:
         """Bring the run counters up to date (at the log cadence and before every save, so a
@@ -367,6 +386,8 @@ class Trainer:
         # its last checkpoint but before final.json) would set the good copy aside first, and a kill
         # then would leave no checkpoint at all (with keep_last=1).
         self._saved_step = self.state.step
+        if self.checkpoints is not None:
+            self.checkpoints.best_step = self.watch.best_step(self.state.best)
         if not loaded["rank_state_restored"]:
             # Elastic resume: this rank had no counterpart; derive a fresh RNG stream from the seed.
             torch.manual_seed(self.cfg.train.seed + 1000 * self.world.rank + self.state.step)
