@@ -15,8 +15,10 @@ class Reporter:
     """Writes metrics (leader only): stdout lines or a progress bar, `metrics.jsonl`, TensorBoard."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int | None, progress: bool,
-                 tensorboard: bool, start_step: int = 0):
+                 tensorboard: bool, start_step: int = 0, sinks: list | None = None):
         self.enabled = enabled
+        self.sinks = list(sinks or []) if enabled else []
+        """Experiment trackers (distlstm/loggers.py): each gets every record metrics.jsonl gets."""
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         # A bar is for a terminal; in a batch log it would be thousands of
@@ -45,6 +47,8 @@ class Reporter:
         record = {"kind": kind, "step": step, "time": time.time(), **values}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        for sink in self.sinks:
+            sink.log(kind, step, values, record["time"])
         if self.tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -61,6 +65,9 @@ class Reporter:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def _fmt(key: str, value) -> str:

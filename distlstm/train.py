@@ -125,6 +125,8 @@ def run(cfg: Config, world: World, device: torch.device, backend: str, config_na
         return 0
     log(f"run directory {run_dir} (the same command again resumes it)")
     log(describe(world) + f", device {device}, backend {backend if world.is_distributed else '-'}")
+    from distlstm.loggers import build_sinks, check_backends
+    check_backends(cfg)
     built = build_run(cfg, world, device, group=group, log=log, run_dir=run_dir)
     cfg = built.cfg
     if world.is_leader:
@@ -149,7 +151,8 @@ def run(cfg: Config, world: World, device: torch.device, backend: str, config_na
     resume(cfg, trainer, checkpoints, log)
     total = cfg.train.max_steps or None
     trainer.reporter = Reporter(run_dir, enabled=world.is_leader, total_steps=total, progress=cfg.log.progress,
-                                tensorboard=cfg.log.tensorboard, start_step=trainer.state.step)
+                                tensorboard=cfg.log.tensorboard, start_step=trainer.state.step,
+                                sinks=build_sinks(cfg, run_dir) if world.is_leader else [])
     try:
         result = trainer.fit()
         # Commits an in-flight async save; a collective, so only on the success path (after a

@@ -1,0 +1,111 @@
+"""Experiment trackers besides metrics.jsonl and TensorBoard: MLflow and Weights & Biases
+(`log.backends = "mlflow,wandb"`), each an optional extra.
+
+Every record the Reporter writes to metrics.jsonl (train and valid, at the log cadence) goes to each
+backend as `<kind>/<key>` at the same step, so the three agree; the resolved config goes as
+parameters / run config. Where the run goes is the backend's own business: MLflow reads
+MLFLOW_TRACKING_URI (a server, `sqlite:///mlflow.db` with the full mlflow package, or a folder
+`file:./mlruns`, which MLflow 3 accepts only with MLFLOW_ALLOW_FILE_STORE=true), W&B reads WANDB_MODE / WANDB_API_KEY
+(`WANDB_MODE=offline` needs no account; `wandb sync` uploads later). The backend's run id is kept
+in the run directory (`mlflow.json`, `wandb.json`), so a resumed run logs into the same tracker run.
+Only the leader rank logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from pathlib import Path
+from typing import Any
+
+from distlstm.config import Config, to_dict
+
+EXTRAS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}  # backend -> (module, extra)
+
+
+def backend_names(cfg: Config) -> list[str]:
+    return [b.strip() for b in cfg.log.backends.split(",") if b.strip()]
+
+
+def check_backends(cfg: Config) -> None:
+    """A one-line error for a backend whose package is not installed (before any training)."""
+    import importlib
+    for name in backend_names(cfg):
+        module, extra = EXTRAS[name]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ValueError(f"log.backends={name} needs the {module} package: pip install 'distlstm[{extra}]' "
+                             f"(or remove {name} from log.backends)") from None
+
+
+def _numbers(kind: str, values: dict) -> dict[str, float]:
+    return {f"{kind}/{k}": float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _params(cfg: Config) -> dict[str, str]:
+    from distlstm.data.sources import redact
+    out = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            out[f"{section}.{key}"] = "***" if key == "storage_options" and value else redact(str(value))
+    return out
+
+
+class MlflowSink:
+    def __init__(self, cfg: Config, run_dir: Path):
+        from mlflow.tracking import MlflowClient
+        self.client = MlflowClient()
+        saved = run_dir / "mlflow.json"
+        if saved.is_file():
+            self.run_id = json.loads(saved.read_text())["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            experiment = self.client.get_experiment_by_name(cfg.log.experiment)
+            exp_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.log.experiment)
+            self.run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
+            from mlflow.entities import Param
+            self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in _params(cfg).items()])
+            saved.write_text(json.dumps({"run_id": self.run_id, "experiment": cfg.log.experiment}))
+
+    def log(self, kind: str, step: int, values: dict, timestamp: float) -> None:
+        from mlflow.entities import Metric
+        metrics = [Metric(k, v, int(timestamp * 1000), step) for k, v in _numbers(kind, values).items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+class WandbSink:
+    def __init__(self, cfg: Config, run_dir: Path):
+        import wandb
+        saved = run_dir / "wandb.json"
+        run_id = json.loads(saved.read_text())["run_id"] if saved.is_file() else uuid.uuid4().hex[:12]
+        self.run = wandb.init(project=cfg.log.experiment, name=run_dir.name, id=run_id, resume="allow",
+                              dir=str(run_dir), config=_params(cfg))
+        saved.write_text(json.dumps({"run_id": run_id, "project": cfg.log.experiment}))
+
+    def log(self, kind: str, step: int, values: dict, timestamp: float) -> None:
+        self.run.log(_numbers(kind, values), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def build_sinks(cfg: Config, run_dir: Path) -> list[Any]:
+    """The backends log.backends names (leader only); check_backends has checked they exist."""
+    kinds = {"mlflow": MlflowSink, "wandb": WandbSink}
+    sinks = []
+    for name in backend_names(cfg):
+        try:
+            sinks.append(kinds[name](cfg, run_dir))
+        except Exception as exc:  # the tracker's own exception types; say which backend and why, in one line
+            for sink in sinks:
+                sink.close()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"log.backends={name}: could not start a {name} run: {first}") from exc
+    return sinks
