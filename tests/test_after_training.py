@@ -272,3 +272,24 @@ def test_lm_exports_to_onnx_with_per_step_outputs(lm_run, tmp_path):
     with torch.no_grad():
         want = model(inputs, lengths).numpy()
     assert got.shape == want.shape == (2, 19, len(vocab)) and np.allclose(got, want, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- plot
+
+
+def test_plot_overlays_runs_with_the_logged_values(classify_run, lm_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from distlstm.plot import figure
+    runs = [classify_run[0], lm_run[0]]
+    cli("distlstm.plot", *map(str, runs), "--out", str(tmp_path / "curves.png"), cache=tmp_path)
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    fig = figure(runs)
+    loss, valid, lr, speed = fig.axes
+    assert [line.get_label() for line in loss.lines] == ["run", "run"]  # one line per run
+    records = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    for ax, key in ((loss, "loss"), (lr, "lr"), (speed, "tokens_per_s")):
+        assert ax.lines[0].get_xydata().tolist() == [[r["step"], r[key]] for r in train], key
+    assert valid.lines[0].get_xydata().tolist() == [[r["step"], r["accuracy"]] for r in records if r["kind"] == "valid"]
+    assert valid.get_title() == "validation accuracy / perplexity"  # the classify run's, then the lm run's
