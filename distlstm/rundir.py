@@ -1,8 +1,9 @@
 """Where a run lives when `train.run_dir` is not given, and what starting a finished run again does.
 
 The directory is derived from the command, not the clock: `runs/<config name>-<8 hex digits>`, the
-digits a hash of the whole config as given (every section; `train.run_dir` and
-`checkpoint.resume` left out). So the same command (same config file and overrides) always names
+digits a hash of the whole config as given (every section, except the few options in NOT_HASHED
+that change how a run executes or reports but not what it trains: run_dir, resume, progress bar,
+worker and thread counts, timeout). So the same command (same config file and overrides) always names
 the same directory: after a stop, a crash or a preemption, starting it again resumes from the
 newest valid checkpoint there (`checkpoint.resume=auto`). Any changed option names a new
 directory, so two different experiments never share one.
@@ -22,9 +23,18 @@ from pathlib import Path
 from distlstm.config import Config, to_toml
 
 
+# Options that change how a run executes or reports, not what it trains: left out of the hash, so
+# e.g. `--log.progress false` or another worker count still finds (and resumes) the same run.
+NOT_HASHED = {"train": ("run_dir", "threads", "timeout_s"), "checkpoint": ("resume",),
+              "log": ("progress",), "data": ("num_workers", "prefetch_factor")}
+
+
 def default_run_dir(cfg: Config, config_name: str = "default") -> str:
-    key = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=""),
-                              checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
+    defaults = Config()
+    key = dataclasses.replace(cfg, **{
+        section: dataclasses.replace(getattr(cfg, section),
+                                     **{k: getattr(getattr(defaults, section), k) for k in keys})
+        for section, keys in NOT_HASHED.items()})
     digest = hashlib.sha256(to_toml(key).encode()).hexdigest()[:8]
     return f"runs/{config_name}-{digest}"
 

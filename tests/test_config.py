@@ -4,13 +4,14 @@ A failure means a user's config could be silently misread (unknown key ignored, 
 accepted), an error would not say which key is wrong, or the documented defaults drifted from the code.
 """
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from distlstm.config import Config, ConfigError, load_config, to_dict, help_text
+from distlstm.config import SECTIONS, Config, ConfigError, load_config, to_dict, help_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +121,13 @@ def test_cuda_without_cuda_is_a_clear_error():
     proc = subprocess.run([sys.executable, "-m", "distlstm.train", "--train.device", "cuda"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "CUDA is not available; use --train.device cpu" in proc.stderr
+
+
+def test_config_reference_page_matches_the_code():
+    """docs/config.md is generated from the dataclasses; a key added without regenerating it fails here."""
+    from distlstm.config_reference import markdown
+    page = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert page == markdown(), "docs/config.md is stale: python -m distlstm.config_reference > docs/config.md"
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"`{section}.{f.name}`" in page

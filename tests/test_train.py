@@ -53,6 +53,38 @@ def test_default_run_reaches_the_readme_accuracy(tmp_path):
         assert key in train_rec[-1], key
     assert (tmp_path / run_dir / "config.toml").is_file()
     assert list((tmp_path / run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # The run directory comes from the command, not the clock (README: the same command resumes).
+    assert run_dir.parent == Path("runs") and run_dir.name.startswith("default-"), run_dir
+    # distlstm.load gives back the trained model: the same outputs as the weights training saved.
+    import distlstm
+    from distlstm.models.lstm import build_model
+    model, vocab, cfg = distlstm.load(tmp_path / run_dir)
+    reference = build_model(cfg.model)
+    reference.load_state_dict(torch.load(tmp_path / run_dir / "model.pt", weights_only=True))
+    inputs, lengths = torch.randint(0, cfg.model.vocab_size, (8, 40)), torch.arange(33, 41)
+    with torch.no_grad():
+        assert torch.equal(model(inputs, lengths), reference.eval()(inputs, lengths))
+    assert vocab is None and json.loads((tmp_path / run_dir / "config.json").read_text())["param_hash"] == final["param_hash"]
+    # The same command again finds the finished run and leaves it alone.
+    again = subprocess.run([sys.executable, "-m", "distlstm.train"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "already holds a finished run" in again.stdout, again.stdout + again.stderr
+    assert json.loads((tmp_path / run_dir / "final.json").read_text()) == final
+
+
+def test_the_same_command_resumes_a_stopped_run(tmp_path):
+    """No --train.run_dir: killed at step 7, the same command again resumes from step 5 in the same directory."""
+    env = {**os.environ, "DISTLSTM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "tests" / "_resume_util.py"), *SMALL, "--train.max_steps", "10",
+           "--checkpoint.every_steps", "5", "--data.num_workers", "0"]
+    killed = subprocess.run(cmd, cwd=tmp_path, env={**env, "DISTLSTM_TEST_FAULT": '{"action": "kill", "step": 7}'},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"resumed from runs/{run_dir.name}/checkpoints/step-000005 at step 5" in again.stdout, again.stdout
+    assert json.loads((run_dir / "final.json").read_text())["step"] == 10
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path):
