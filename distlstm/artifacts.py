@@ -63,8 +63,13 @@ class Vocab:
         return [self._ids.get(t, self.unk_id) for t in _tokenize(text, self.tokenizer)]
 
     def decode(self, ids) -> str:
-        sep = "" if self.tokenizer == "char" else " "
-        return sep.join(self.tokens[int(i)] for i in ids)
+        """Text of `ids`: characters joined; words joined by spaces (whitespace: <eos> ends a line)."""
+        tokens = [self.tokens[int(i)] for i in ids]
+        if self.tokenizer == "char":
+            return "".join(tokens)
+        if self.tokenizer == "whitespace":
+            return " ".join(tokens).replace(" <eos> ", "\n").replace(" <eos>", "\n").replace("<eos> ", "\n")
+        return " ".join(tokens)
 
 
 class Loaded(NamedTuple):
