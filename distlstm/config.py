@@ -211,7 +211,8 @@ class TrainConfig:
     seed: int = opt(0, "seed for model init and dropout")
     eval_every: int = opt(100, "evaluate on data.valid every N steps (and at the end); 0 = only at the end")
     eval_max_batches: int = opt(0, "cap on validation batches per evaluation; 0 = the whole split")
-    run_dir: str = opt("", "where logs, metrics and checkpoints go; empty = runs/<date-time>")
+    run_dir: str = opt("", "where logs, metrics and checkpoints go; empty = runs/<config name>-<config hash>, "
+                            "so the same command resumes the same run")
     debug: bool = opt(False, "anomaly detection, deterministic algorithms, synchronous CUDA errors")
     timeout_s: float = opt(60.0, "process-group timeout: a dead rank makes the others exit after this long")
     max_bad_steps: int = opt(5, "stop after this many consecutive non-finite steps (fp16 overflow skips excluded)")
