@@ -122,6 +122,9 @@ def run(argv: list[str]) -> int:
     run_dir, out = Path(args.run), Path(args.out)
     if out.resolve() == run_dir.resolve():
         raise ValueError(f"--out {out} is the run directory; export into a folder of its own")
+    from distlstm.world import detect_world
+    if not detect_world().is_leader:
+        return 0  # under torchrun: one writer (rank 0), not several racing on the same files
     cfg = run_config(run_dir, [])
     from distlstm.models.lstm import build_model
     model = build_model(cfg.model)

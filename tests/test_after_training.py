@@ -221,6 +221,18 @@ def test_export_round_trips(classify_run, tmp_path, fmt):
     assert json.loads((out / "config.json").read_text())["step"] == 20
 
 
+def test_export_and_generate_under_torchrun(lm_run, tmp_path):
+    """Rank 0 alone writes the export (no two ranks racing on one file) and prints the text once."""
+    run_dir, cache = lm_run
+    cli("distlstm.export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "ts"), nproc=2, cache=cache)
+    assert sorted(p.name for p in (tmp_path / "ts").iterdir()) == [
+        "config.json", "model.safetensors", "model.torchscript.pt", "vocab.json"]
+    args = ["--prompt", "ROMEO:", "--max-tokens", "30", "--seed", "5"]
+    two = cli("distlstm.generate", str(run_dir), *args, nproc=2, cache=cache).stdout
+    one = cli("distlstm.generate", str(run_dir), *args, cache=cache).stdout
+    assert two.count("ROMEO:") == 1 and one.rstrip("\n") in two
+
+
 # ---------------------------------------------------------------------------------------------- lm
 
 
@@ -293,3 +305,15 @@ def test_plot_overlays_runs_with_the_logged_values(classify_run, lm_run, tmp_pat
         assert ax.lines[0].get_xydata().tolist() == [[r["step"], r[key]] for r in train], key
     assert valid.lines[0].get_xydata().tolist() == [[r["step"], r["accuracy"]] for r in records if r["kind"] == "valid"]
     assert valid.get_title() == "validation accuracy / perplexity"  # the classify run's, then the lm run's
+
+
+@pytest.mark.parametrize("command,flags", [("evaluate", ["--checkpoint", "--data.valid"]),
+                                           ("predict", ["--data", "--out"]),
+                                           ("generate", ["--prompt", "--max-tokens", "--temperature", "--top-k", "--seed"]),
+                                           ("export", ["--format", "safetensors|torchscript|onnx", "--out"]),
+                                           ("plot", ["--out"])])
+def test_every_command_explains_itself(tmp_path, command, flags):
+    proc = cli(f"distlstm.{command}", "--help", cache=tmp_path)
+    assert proc.stdout.startswith(f"usage: python -m distlstm.{command}"), proc.stdout[:200]
+    for flag in flags:
+        assert flag in proc.stdout, flag
