@@ -26,6 +26,16 @@ every key with its default. The after-training commands (`evaluate`, `predict`) 
 """
 
 
+def _type_name(kind) -> str:
+    """int, str, ...; a union such as IntOrAuto as `int or "auto"`."""
+    if typing.get_origin(kind) is typing.Literal:
+        return " or ".join(f'"{a}"' for a in typing.get_args(kind))
+    args = typing.get_args(kind)
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return kind.__name__
+
+
 def markdown() -> str:
     out = [HEADER]
     for section, cls in SECTIONS.items():
@@ -40,7 +50,7 @@ def markdown() -> str:
             if choices:
                 doc += " (one of: " + ", ".join(f"`{c}`" for c in choices) + ")"
             default = _toml_value(getattr(defaults, f.name)).replace("|", "\\|")
-            out.append(f"| `{section}.{f.name}` | {hints[f.name].__name__} | `{default}` | {doc} |")
+            out.append(f"| `{section}.{f.name}` | {_type_name(hints[f.name])} | `{default}` | {doc} |")
         out.append("")
     return "\n".join(out)
 

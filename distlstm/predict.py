@@ -5,7 +5,7 @@
 
 Each rank writes `DIR/predictions-rank<R>.parquet`, one row per input sample it predicted; together
 the files hold every sample of SPEC exactly once (the filler batches that keep ranks in lockstep are
-dropped). Columns: `sample_id` (the sample's position in SPEC: shards in order, rows in order),
+dropped, and so are the dummy rows that pad a batch to a bounded shape on a GPU). Columns: `sample_id` (the sample's position in SPEC: shards in order, rows in order),
 `shard` (file name) and `row` (row within it), `length` (steps the model read: data.max_length
 truncates), then by task:
 
@@ -48,8 +48,10 @@ def unlabelled(task: Task) -> Task:
             return []
 
         def batch_arrays(self, inputs, lengths, labels, *, pos, starts, mask):
-            fill = np.full(mask.shape, IGNORE_INDEX, np.int64) if base.per_step else np.zeros(len(pos), np.int64)
-            return inputs, lengths, fill
+            if base.per_step:
+                return inputs, lengths, np.full(mask.shape, IGNORE_INDEX, np.int64)
+            # The dtype the loader's dummy rows (bounded shapes) append to: NaN for regression.
+            return inputs, lengths, np.zeros(len(pos), np.float32 if base.no_target != base.no_target else np.int64)
 
     Unlabelled.__name__ = f"Unlabelled{base.__name__}"
     return Unlabelled()
@@ -115,9 +117,11 @@ def _predict(model, loader, task: Task, index, amp, device) -> dict[str, list]:
         dev = batch.to(device)
         with amp.autocast():
             outputs = model(dev.inputs, dev.lengths, lengths_cpu=batch.lengths)
-        cols["sample_id"] += batch.sample_ids.tolist()
-        cols["length"] += batch.lengths.tolist()
-        for key, values in predictions(task, outputs, batch.lengths).items():
+        real = batch.sample_ids >= 0  # dummy rows (id -1) only fill a bounded batch shape
+        lengths = batch.lengths[real]
+        cols["sample_id"] += batch.sample_ids[real].tolist()
+        cols["length"] += lengths.tolist()
+        for key, values in predictions(task, outputs[real.to(outputs.device)], lengths).items():
             cols.setdefault(key, []).extend(values)
     ids = np.asarray(cols["sample_id"], np.int64)
     chunk = np.searchsorted(index.chunk_offsets, ids, side="right") - 1
