@@ -107,7 +107,8 @@ def build_loaders(cfg: Config, world: World, device: torch.device, group, run_di
     # On a GPU the batches arrive on it, copied one step ahead (distlstm/data/prefetch.py).
     kw = dict(task=m.task, dp_rank=world.rank, dp_world_size=world.world_size, vocab_size=m.vocab_size,
               num_classes=m.num_classes, pin_memory=device.type == "cuda", run_dir=run_dir,
-              device=device if device.type == "cuda" else None)
+              device=device if device.type == "cuda" else None,
+              input_size=m.input_size if m.input == "features" else 0)  # what each chunk must hold
     train = build_loader(train_index, cfg.data, agree=agree if world.is_distributed else None,
                          max_epochs=cfg.train.max_epochs, **kw) if train_index is not None else None
     valid = build_loader(valid_index, cfg.data, shuffle=False, max_epochs=1, num_workers=0,
@@ -131,7 +132,7 @@ def load_data(cfg: Config, log, *, train: bool = True) -> tuple[DatasetIndex | N
         train_spec, valid_spec = str(root / "train"), valid_spec or str(root / "valid")
     kw = dict(fmt=d.format, sequence_column=d.sequence_column, label_column=d.label_column, cache_dir=cache,
               storage_options=d.storage_options, retries=d.retries, task=cfg.model.task,
-              whole_shard_max_mb=d.whole_shard_max_mb)
+              whole_shard_max_mb=d.whole_shard_max_mb, verify=d.verify)
     train_index = open_index(train_spec, **kw) if train else None
     valid_index = open_index(valid_spec, **kw) if valid_spec else None
     parts = []

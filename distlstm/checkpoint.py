@@ -9,6 +9,7 @@ Layout of ``run_dir``::
         extra.json            trainer state shared by all ranks (scheduler, scaler, loader, counters)
         rank-00000.json/.pt   per-rank state (RNG): JSON plus plain tensors (weights_only load)
         MANIFEST.json         size + sha256 of every file above; written last, before the rename
+        MANIFEST.sig          HMAC of MANIFEST.json, only when DISTLSTM_CHECKPOINT_KEY is set
     step-000130.tmp/          a save in progress, or one that was killed; removed by the next save
     step-000100.deleting/     retention in progress, or killed mid-delete; removed by the next save
     latest                    name of the newest committed checkpoint, replaced atomically
@@ -27,8 +28,11 @@ Use (every call on every rank, in the same order)::
     ...  mgr.save(step, state)            # at checkpoint steps (async: returns after the CPU copy)
     mgr.close()                           # commits an in-flight async save
 
-Nothing is unpickled except DCP's own ``.metadata``: tensors travel through DCP or
-``torch.load(weights_only=True)``, everything else through JSON.
+Nothing is unpickled freely: DCP's ``.metadata`` goes through an allow-list unpickler and every
+``.pt`` through ``torch.load(weights_only=True)`` (distlstm/checkpoint_guard.py, part of
+verification, so a planted file makes the checkpoint invalid and loading falls back to an older
+one); everything else is JSON. With ``DISTLSTM_CHECKPOINT_KEY`` set, MANIFEST.json is signed
+(``MANIFEST.sig``, HMAC-SHA256) and unsigned or mis-signed checkpoints are refused.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -48,9 +53,13 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+from distlstm.checkpoint_guard import (SIGNATURE, SafeFileSystemReader, UnsafeCheckpointError, content_problems,
+                                       signature)
+from distlstm.errors import RunError, failure_text
 from distlstm.train_state import (  # noqa: F401  (rng_state, set_rng_state, tree_hash: public here too)
     _decode, _encode, _flat, _get_train_state, _merge, _split, _to_cpu_copy, rng_state, set_rng_state, tree_hash,
 )
@@ -61,6 +70,15 @@ LATEST = "latest"
 BEST = "best"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _REQUIRED_FILES = (".metadata", "state.json", "extra.json", MANIFEST)
+
+
+class CheckpointError(RunError):
+    """A save that did not commit, or a load that failed after verification; says which rank and why."""
+
+
+def _rank_failure(rank: int, exc: BaseException) -> str:
+    """'rank R: Type: message' (DCP's CheckpointException names its ranks itself)."""
+    return failure_text(exc) if isinstance(exc, CheckpointException) else f"rank {rank}: {failure_text(exc)}"
 
 
 def _distlstm_version() -> str:
@@ -143,6 +161,8 @@ def verify_checkpoint(path: Path) -> list[str]:
             problems.append(f"file {name} has {size} bytes, manifest says {want['size']} (truncated or rewritten)")
         elif (got := _digest(file)["sha256"]) != want["sha256"]:
             problems.append(f"file {name} sha256 mismatch ({got[:12]}... vs manifest {want['sha256'][:12]}...)")
+    if not problems:  # the files are what the manifest says: now whether their content can be trusted
+        problems = content_problems(path, manifest)
     return problems
 
 
@@ -237,7 +257,9 @@ class CheckpointManager:
             future: cf.Future = cf.Future()
             try:
                 future.set_result(self._write_shards(tensors, tmp, own))
-            except Exception as e:  # reported collectively in wait(), so no rank is left waiting
+            # Reported collectively in wait(), so no rank is left waiting. CheckpointException (DCP's
+            # failure, e.g. a full disk) derives from BaseException, so `except Exception` misses it.
+            except (Exception, CheckpointException) as e:
                 future.set_exception(e)
             self._pending = (step, tmp, future)
             self.wait()
@@ -251,17 +273,20 @@ class CheckpointManager:
         next collective on the ranks where it worked)."""
         try:
             result, error = fn(), None
-        except Exception as e:
-            result, error = e, f"rank {self.rank}: {type(e).__name__}: {e}"
+        except (Exception, CheckpointException) as e:
+            result, error = e, _rank_failure(self.rank, e)
         errors = [error]
         if self._pg is not None:
             errors = [None] * self.world_size
             dist.all_gather_object(errors, error, group=self._pg)
+        if isinstance(result, (CheckpointException, OSError)):  # a full disk, a read-only run directory
+            raise CheckpointError(f"checkpoint: {what} failed: {error}; fix: make room in (or make writable) "
+                                  f"{self.run_dir}, then start the same command again") from result
         if isinstance(result, Exception):
             raise result
         failed = [e for e in errors if e is not None]
         if failed:
-            raise RuntimeError(f"checkpoint: {what} failed on another rank: " + "; ".join(failed))
+            raise CheckpointError(f"checkpoint: {what} failed on another rank: " + "; ".join(failed))
         return result
 
     def _write_small_files(self, tmp: Path, state: dict, rest: dict) -> list[str]:
@@ -295,8 +320,8 @@ class CheckpointManager:
         self._pending = None
         try:
             mine: tuple = ("ok", future.result())
-        except Exception as e:
-            mine = ("error", f"rank {self.rank}: {type(e).__name__}: {e}")
+        except (Exception, CheckpointException) as e:
+            mine = ("error", _rank_failure(self.rank, e))
         gathered = self._gather(mine)
         verdict = None
         if self.rank == 0:
@@ -313,7 +338,8 @@ class CheckpointManager:
                     verdict = f"checkpoint for step {step} was not committed: {type(e).__name__}: {e}"
         verdict = self._broadcast(verdict)
         if verdict is not None:
-            raise RuntimeError(verdict)
+            raise CheckpointError(f"{verdict}; fix: make room in (or make writable) {self.run_dir}, then start the "
+                                  "same command again: it resumes from the newest committed checkpoint")
         if self.rank == 0:
             try:
                 self._apply_retention(step)
@@ -331,7 +357,10 @@ class CheckpointManager:
             "time": time.time(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": dict(sorted(digests.items())),
         }
-        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        manifest_bytes = json.dumps(manifest, indent=1).encode()
+        _write_file(tmp / MANIFEST, manifest_bytes)
+        if (sig := signature(manifest_bytes)) is not None:  # DISTLSTM_CHECKPOINT_KEY is set
+            _write_file(tmp / SIGNATURE, sig)
         _fsync_path(tmp)
         final = self.step_dir(step)
         if final.exists():  # same step saved again (resumed from an older checkpoint): set the old aside
@@ -442,10 +471,14 @@ class CheckpointManager:
         if state.get("optim") is not None and "optim" not in saved_rest:
             raise ValueError(f"checkpoint {path} has no optimizer state; load it with state['optim'] = None")
         tensors, _ = _split(_get_train_state(state))
-        _check_shapes(path, tensors, dcp.FileSystemReader(path).read_metadata())
-        with _quiet_single_process(self._pg is None):
-            dcp.load(tensors, storage_reader=dcp.FileSystemReader(path), process_group=self._pg,
-                     no_dist=self._pg is None)
+        # Never DCP's own reader: it unpickles .metadata with pickle.load (see checkpoint_guard).
+        _check_shapes(path, tensors, SafeFileSystemReader(path).read_metadata())
+        try:
+            with _quiet_single_process(self._pg is None):
+                dcp.load(tensors, storage_reader=SafeFileSystemReader(path), process_group=self._pg,
+                         no_dist=self._pg is None)
+        except CheckpointException as e:  # a BaseException: see save()
+            raise CheckpointError(f"checkpoint {path}: loading failed: {failure_text(e)}") from e
         loaded = _merge(tensors, saved_rest)
         set_model_state_dict(state["model"], loaded["model"])
         if state.get("optim") is not None:
@@ -453,7 +486,11 @@ class CheckpointManager:
         rank_state = None
         if self.rank < manifest["world_size"]:
             name = f"rank-{self.rank:05d}"
-            refs = torch.load(path / f"{name}.pt", weights_only=True, map_location="cpu")
+            try:
+                refs = torch.load(path / f"{name}.pt", weights_only=True, map_location="cpu")
+            except pickle.UnpicklingError as exc:  # weights_only refused it: not written by distlstm
+                raise UnsafeCheckpointError(f"checkpoint {path}: {name}.pt refused by torch.load(weights_only=True): "
+                                            f"{str(exc).strip().splitlines()[0]}; use another checkpoint") from None
             rank_state = _decode(json.loads((path / f"{name}.json").read_text()), refs)
         extra = _decode(json.loads((path / "extra.json").read_text()))
         self._restore_components(path, state.get("extra"), extra)

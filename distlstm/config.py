@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -108,9 +109,15 @@ class DataConfig:
                                          "train.cuda_graphs is on, else 0")
     whole_shard_max_mb: float = opt(256.0, "an HTTP server that ignores byte ranges sends whole shards: each "
                                            "process keeps up to this many MB of them (larger shards are an error)")
+    max_bad_fraction: float = opt(0.01, "with on_bad_sample=skip: stop the run when more than this fraction of "
+                                        "the samples seen were skipped as bad (checked as it goes and at the end)")
+    verify: str = opt("size", "check shards against the dataset manifest when indexing: size (one stat per "
+                              "shard), sha256 (reads every shard once), none", ("size", "sha256", "none"))
 
     def __post_init__(self) -> None:
         _check_choices("data", self)
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
         _positive("data", self, "max_tokens", "min_batch_size", "max_length", "window_chunks", "prefetch_factor",
                   "streams", "retries", "synthetic_samples", "whole_shard_max_mb")
         _positive("data", self, "max_batch_size", "num_workers", "shape_buckets", allow_zero=True)
@@ -340,14 +347,19 @@ def _coerce(key: str, value: Any, kind: type, from_cli: bool) -> Any:
                 pass
         raise ConfigError(f"{key}={value!r} is not an integer")
     if kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_cli and isinstance(value, str):
+            number = float(value)
+        elif from_cli and isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r} is not a number")
+        if number is None:
+            raise ConfigError(f"{key}={value!r} is not a number")
+        if not math.isfinite(number):  # inf/nan pass every range check written as a comparison
+            raise ConfigError(f"{key}={value!r} is not a finite number")
+        return number
     if kind is str:
         if isinstance(value, str):
             return value

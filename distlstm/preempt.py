@@ -8,7 +8,10 @@ even when the signal reached only some ranks (or reached them a step apart).
 
 SIGUSR1 is the "time is nearly up" signal (`#SBATCH --signal=B:USR1@120`, forwarded to the
 training processes by launch/slurm/*.sbatch, because torchrun does not forward it). SIGTERM is
-what SLURM sends on scancel, preemption and at the time limit.
+what SLURM sends on scancel, preemption and at the time limit. SIGINT (Ctrl-C) stops the same way
+(a checkpoint, then exit 130); a second Ctrl-C exits at once, without one. The stop signals reach
+DataLoader workers too when they go to the whole process group; workers ignore them
+(`distlstm.data.loader.worker_init`), so the trainer decides.
 """
 
 from __future__ import annotations
@@ -36,15 +39,30 @@ class PreemptionHandler:
         handler.uninstall()
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)):
         self.signals = tuple(signals)
         self.received: int | None = None  # first signal number seen on this rank
         self._previous: dict[int, object] = {}
+        self._interrupts = 0
 
     def _on_signal(self, signum, frame) -> None:
-        # Only set the flag: no I/O, no locks, no collectives (see module docstring).
+        # Only set the flag: no locks, no collectives (see module docstring); os.write is safe here.
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:  # a second Ctrl-C: the user does not want to wait for the step
+                os.write(2, b"\ninterrupted again: exiting now, without a checkpoint "
+                            b"(the last committed one is kept)\n")
+                os._exit(130)
+            if os.isatty(2):
+                os.write(2, b"\ninterrupt: saving a checkpoint after this step "
+                            b"(Ctrl-C again to exit now without one)\n")
         if self.received is None:
             self.received = signum
+
+    @property
+    def interrupted(self) -> bool:
+        """This rank's stop came from Ctrl-C (exit 130, as a shell expects, and no requeue)."""
+        return self.received == signal.SIGINT
 
     @property
     def requested(self) -> bool:

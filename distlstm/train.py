@@ -17,9 +17,11 @@ import torch
 from distlstm.build import build_run, total_steps  # noqa: F401 (total_steps: public here too)
 from distlstm.config import Config, ConfigError, help_text, load_config, to_toml
 from distlstm.data.sources import redact
+from distlstm.errors import USER_ERRORS, message
 from distlstm.graphs import StepGraphs
 from distlstm.metrics import Reporter
 from distlstm.parallel import control_group, unwrap
+from distlstm.run_lock import lock_run_dir, release_all as release_run_locks
 from distlstm.trainer import Trainer
 from distlstm.world import (World, default_backend, default_device, describe, destroy_process_group, detect_world,
                             init_process_group)
@@ -91,14 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         code = run(cfg, world, device, backend, config_name=_config_name(argv))
         finished = True
         return code
-    except (ValueError, OSError) as exc:
-        # Bad input (config, data, paths) and I/O failures: the message names the file, row or key
-        # and the fix; a traceback would only bury it. --train.debug keeps the traceback.
+    except USER_ERRORS as exc:
+        # Bad input (config, data, paths), I/O failures, runs that cannot go on: the message names the
+        # file, row or key and the fix; a traceback would only bury it. --train.debug keeps the traceback.
         if cfg.train.debug:
             raise
-        print(f"error: rank {world.rank}: {exc}\n(--train.debug shows the traceback)", file=sys.stderr)
+        print(f"error: rank {world.rank}: {message(exc)}\n(--train.debug shows the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started (the stop handler is not installed yet)
+        if cfg.train.debug:
+            raise
+        print("interrupted before training started: nothing to save", file=sys.stderr)
+        return 130
     finally:
+        release_run_locks()
         destroy_process_group(barrier=finished)
 
 
@@ -123,6 +131,8 @@ def run(cfg: Config, world: World, device: torch.device, backend: str, config_na
     if done:
         log(done)
         return 0
+    # Before anything is written there: a second run in the same directory would destroy this one's.
+    lock_run_dir(run_dir, is_leader=world.is_leader, group=group, log=log)
     log(f"run directory {run_dir} (the same command again resumes it)")
     log(describe(world) + f", device {device}, backend {backend if world.is_distributed else '-'}")
     from distlstm.loggers import build_sinks, check_backends
@@ -165,6 +175,10 @@ def run(cfg: Config, world: World, device: torch.device, backend: str, config_na
         log(trainer.graphs.summary())
     if result["stopped"] == "preempted":
         why = preempt.signal_name or "another rank was signalled"
+        if preempt.interrupted:
+            print(f"interrupted (SIGINT): checkpoint committed at step {result['step']} in {run_dir}; run the same "
+                  f"command with --train.run_dir {run_dir} to resume", file=sys.stderr, flush=True)
+            return 130
         log(f"preempted ({why}): checkpoint committed at step {result['step']}")
         if world.is_leader:
             preempt.requeue(cfg.checkpoint.max_requeues, log)
@@ -197,6 +211,7 @@ def finish(trainer: Trainer, run_dir: Path, result: dict, world: World, log) -> 
     from distlstm.train_state import tree_hash
     model = unwrap(trainer.model)
     summary = {**result, "param_hash": tree_hash(model), "tokens": trainer.state.tokens,
+               "samples": trainer.state.samples, "skipped_samples": trainer.state.bad_samples,
                "elapsed_s": round(trainer.state.elapsed_s, 2)}
     if world.is_leader:
         from distlstm.artifacts import write_model

@@ -15,6 +15,8 @@ from torch import nn
 
 from distlstm.config import Config, ConfigError
 from distlstm.data.batch import Batch
+from distlstm.data.errors import check_bad_fraction
+from distlstm.errors import RunError
 from distlstm.models.lstm import flops_per_token
 from distlstm.optim import PlateauSchedule, make_optimizer
 from distlstm.parallel import AmpPolicy, all_reduce_host, no_sync, unwrap
@@ -61,6 +63,8 @@ class TrainState:
     bad_samples: int = 0
     elapsed_s: float = 0.0
     best: dict = field(default_factory=dict)
+    samples: int = 0
+    """Samples trained on (bad_samples counts the ones skipped)."""
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,8 +75,8 @@ class TrainState:
                 setattr(self, f.name, state[f.name])
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(RunError):
+    """Too many consecutive non-finite steps; the message names the first non-finite module."""
 
 
 class Trainer:
@@ -95,7 +99,7 @@ class Trainer:
         # Steps fused AdamW skipped (non-finite, fp32/bf16), counted on the device; host-side
         # counts since the last flush (see _flush_counters).
         self.skipped_dev = torch.zeros((), device=device)
-        self._pending_tokens = self._pending_skipped = 0
+        self._pending_tokens = self._pending_skipped = self._pending_samples = 0
         self._clock = time.perf_counter()
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.item_sum = 0.0
@@ -198,6 +202,8 @@ class Trainer:
                 interval.add(b)
                 self._pending_tokens += b.num_tokens if b.weight else 0
                 self._pending_skipped += b.num_skipped
+                # Real rows only: bounded shapes pad batches with dummy rows (id -1).
+                self._pending_samples += int((b.sample_ids >= 0).sum()) if b.weight else 0
             self.train_step(micro)
             self.last_micro = micro
             if cfg.log.sample_ids:
@@ -227,6 +233,8 @@ class Trainer:
                 break
         if interval.steps:
             self._log_interval(interval)
+        self._flush_counters()
+        self._check_bad_fraction(final=True)  # before the final evaluation and checkpoint of a garbage run
         if not cfg.train.eval_every or self.state.step % cfg.train.eval_every or not result:
             result = self.evaluate()
             self._after_eval(result, cadence=False)
@@ -250,16 +258,26 @@ class Trainer:
         optimizer steps (which also come off the LR schedule), wall time."""
         skipped_steps = int(self.skipped_dev)
         self.skipped_dev.zero_()
-        tokens, samples = all_reduce_host([self._pending_tokens, self._pending_skipped], self.group)
-        self._pending_tokens = self._pending_skipped = 0
+        tokens, skipped, samples = all_reduce_host(
+            [self._pending_tokens, self._pending_skipped, self._pending_samples], self.group)
+        self._pending_tokens = self._pending_skipped = self._pending_samples = 0
         self.state.tokens += int(tokens)
-        self.state.bad_samples += int(samples)
+        self.state.bad_samples += int(skipped)
+        self.state.samples += int(samples)
         if skipped_steps:
             self.state.skipped_steps += skipped_steps
             self.scheduler.last_epoch -= skipped_steps
         now = time.perf_counter()
         self.state.elapsed_s += now - self._clock
         self._clock = now
+        self._check_bad_fraction(final=False)
+
+    def _check_bad_fraction(self, *, final: bool) -> None:
+        """data.max_bad_fraction, on counts summed over ranks (so every rank stops at the same step)."""
+        if self.state.bad_samples or final:
+            quarantine = self.run_dir / "quarantine" if self.run_dir is not None else None
+            check_bad_fraction(self.state.bad_samples, self.state.samples, self.cfg.data.max_bad_fraction,
+                               final=final, quarantine_dir=quarantine)
 
     def _record_samples(self, micro: list[Batch]) -> None:
         """One line per step: `step epoch id id ...` (filler batches, weight 0, left out); a step whose

@@ -21,6 +21,16 @@ uninterrupted run's (the LR schedule and the data plan depend on it):
         a retention delete, the final evaluation); a timer thread, as good as an outside `kill -9`
     DISTLSTM_TEST_FAULT='{"action": "kill", "point": "manifest", "count": 2}'
         SIGKILL the 2nd time this process reaches a point inside the checkpoint code (see POINTS)
+    DISTLSTM_TEST_FAULT='{"action": "signal", "sig": "SIGTERM", "step": 7, "target": "group"}'
+        as "signal", but to this process's whole process group (its DataLoader workers too), as
+        `kill -TERM -<pgid>` does; "target": "job" signals every process of the run (every process
+        with the run directory on its command line: torchrun, each rank, their DataLoader workers),
+        as scancel or srun do; "times": 2 sends it twice in a row
+    DISTLSTM_TEST_FAULT='{"action": "pause", "step": 5, "ready": "/path/a", "go": "/path/b"}'
+        at step 5, create the file `ready`, then wait (up to 120 s) until the file `go` exists
+    DISTLSTM_TEST_FAULT='{"action": "fsize", "step": 5, "bytes": 4096}'
+        from step 5 on, no file this process writes may grow beyond 4096 bytes (RLIMIT_FSIZE; writes
+        fail with EFBIG, as they fail with ENOSPC on a full disk)
 
 The signal goes through the real handler (distlstm.preempt) and SIGKILL is SIGKILL: only *when*
 it happens is chosen here, which makes the tests deterministic instead of racing a timer.
@@ -56,6 +66,23 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _send(sig: int, target: str) -> None:
+    if target == "self":
+        os.kill(os.getpid(), sig)
+    elif target == "group":
+        os.killpg(os.getpgrp(), sig)
+    elif target == "job":
+        run_dir = sys.argv[sys.argv.index("--train.run_dir") + 1]
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if run_dir in cmdline.read_bytes().decode(errors="replace").split("\0"):
+                    os.kill(int(cmdline.parent.name), sig)
+            except (OSError, ValueError):
+                pass  # gone meanwhile
+    else:
+        raise SystemExit(f"_resume_util: unknown signal target {target!r}")
+
+
 def install(fault: dict) -> None:
     from distlstm import checkpoint, trainer
 
@@ -80,7 +107,20 @@ def install(fault: dict) -> None:
                     _die()
                 if fault["action"] == "raise":
                     raise RuntimeError(f"injected failure at step {self.state.step + 1}")
-                os.kill(os.getpid(), getattr(signal, fault.get("sig", "SIGUSR1")))
+                if fault["action"] == "pause":
+                    Path(fault["ready"]).touch()
+                    deadline = time.monotonic() + 120
+                    while not Path(fault["go"]).exists() and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    return
+                if fault["action"] == "fsize":
+                    import resource
+                    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a dead process
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (fault["bytes"], fault["bytes"]))
+                    return
+                for _ in range(fault.get("times", 1)):
+                    _send(getattr(signal, fault.get("sig", "SIGUSR1")), fault.get("target", "self"))
+                    time.sleep(0.1)  # the handler runs (a second signal sent at once would merge with the first)
 
         trainer.Trainer.forward_backward = forward_backward
         return

@@ -111,9 +111,12 @@ def test_saved_config_never_contains_credentials(tmp_path):
     assert "example.org/d/train-{0..3}.parquet" in text
 
 
-def test_nan_is_not_a_learning_rate():
-    with pytest.raises(ConfigError, match="optim.lr=nan must be > 0"):
-        load_config(None, ["--optim.lr", "nan"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused_up_front(value):
+    """inf passes every range check written as a comparison (inf > 0) and used to end as a
+    NonFiniteError after the first steps; nan fails them with a confusing message."""
+    with pytest.raises(ConfigError, match=f"optim.lr='{value}' is not a finite number"):
+        load_config(None, ["--optim.lr", value])
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")

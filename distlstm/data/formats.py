@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import os
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +36,29 @@ def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndar
         raise TypeError(f"{arr.type}")
     nulls = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else np.zeros(len(arr), bool)
     return offsets, nulls, values
+
+
+def _unreadable(path: str, where: str, exc: BaseException) -> BadSampleError:
+    """A row group Arrow cannot decode (a corrupt page under an intact footer: "Couldn't deserialize
+    thrift"), named by file and row group, Arrow's multi-line message on one line."""
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    return BadSampleError(redact(path), where, f"cannot be read ({detail})",
+                          fix="re-create the shard, or run with --data.on_bad_sample skip")
+
+
+def _named_failures(path: str, tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """`tables` (one per row group), a row group that cannot be decoded named by file and number."""
+    tables = iter(tables)
+    for i in itertools.count():
+        try:
+            table = next(tables)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise _unreadable(path, f"row group {i}", exc) from exc
+        yield table
 
 
 def _sequence_type_error(path: str, column: str, typ: pa.DataType) -> BadSampleError:
@@ -66,7 +91,7 @@ def parquet_layout(path: str, column: str, *, storage_options=None, retries: int
     groups = pf.iter_row_groups([column]) if source is not None else \
         (pf.read_row_group(i, columns=[column]) for i in range(pf.num_row_groups))
     lengths = []
-    for table in groups:
+    for table in _named_failures(path, groups):
         col = table.column(0)
         try:
             offsets, _, _ = _list_parts(col)
@@ -140,6 +165,49 @@ def _vector_labels(path: str, column: str, lab: pa.Array, first_row: int) -> tup
     return labels, lab_nulls
 
 
+def _scalar_labels(path: str, column: str, lab: pa.Array, task: str | None) -> tuple[np.ndarray, dict[int, str]]:
+    """One label per row as numpy, and the rows whose label is unusable. Class ids must be integers:
+    a float column is accepted only where every value is whole (pandas writes int columns with
+    nulls as float), and a row like 2.5 is bad instead of silently becoming class 2. A column that
+    is not numeric at all (strings) is a schema error naming the column."""
+    typ = lab.type
+    classes = task is None or get_task(task).needs_classes
+    if not (pa.types.is_integer(typ) or pa.types.is_floating(typ)):
+        need = "integer class ids" if classes else "numbers"
+        raise BadSampleError(redact(path), "schema", f"label column '{column}' is {typ}; {task or 'the task'} needs "
+                             f"{need}", fix="map the labels to numbers (distlstm.prep does, with --label-field), "
+                             "or set --data.label_column")
+    labels = lab.fill_null(0).to_numpy(zero_copy_only=False)
+    bad: dict[int, str] = {}
+    if task is not None and classes and pa.types.is_floating(typ):
+        fraction = ~np.isfinite(labels) | (labels != np.round(labels))
+        for r in np.flatnonzero(fraction).tolist():
+            bad[r] = f"'{column}' is {float(labels[r])}, not a whole number: class ids must be integers"
+        labels = np.where(fraction, 0, labels).astype(np.int64)
+    return labels, bad
+
+
+def _tag_problems(path: str, column: str, sequence_column: str, offsets: np.ndarray, lab_offsets: np.ndarray,
+                  lab_values: pa.Array, skip: np.ndarray) -> dict[int, str]:
+    """Rows (local index) whose tags do not fit: another step count than the sequence, or a
+    fractional tag. Only these rows are bad, not the row group."""
+    if not (pa.types.is_integer(lab_values.type) or pa.types.is_floating(lab_values.type)):
+        raise BadSampleError(redact(path), "schema", f"tag column '{column}' holds {lab_values.type}; tag needs "
+                             "integer tag ids per step", fix="map the tags to integers, or set --data.label_column")
+    steps, tags = np.diff(offsets), np.diff(lab_offsets)
+    bad = {int(r): f"'{column}' has {tags[r]} steps but '{sequence_column}' has {steps[r]}"
+           for r in np.flatnonzero((steps != tags) & ~skip)}
+    if pa.types.is_floating(lab_values.type) and len(lab_values):
+        values = lab_values.to_numpy(zero_copy_only=False)
+        fractional = ~np.isfinite(values) | (values != np.round(values))
+        if fractional.any():
+            rows = np.searchsorted(lab_offsets, np.flatnonzero(fractional), side="right") - 1
+            for r in np.unique(rows).tolist():
+                if not skip[r]:
+                    bad.setdefault(r, f"'{column}' holds a fractional tag: tags must be integers")
+    return bad
+
+
 def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label_column: str | None,
                        storage_options=None, retries: int = 3, task: str | None = None,
                        source: Source | None = None) -> Chunk:
@@ -151,11 +219,10 @@ def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label
         pf = RemoteParquetFile(source) if source is not None else _parquet_file(_local_path(path, storage_options))
         table = pf.read_row_group(row_group, columns=columns)
         first_row = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
-        raise BadSampleError(redact(path), f"row group {row_group}", f"cannot be read ({exc})",
-                             fix="re-create the shard, or run with --data.on_bad_sample skip") from exc
+        raise _unreadable(path, f"row group {row_group}", exc) from exc
     # pyarrow silently leaves out a requested column the file does not have.
     missing = [c for c in columns if c not in table.column_names]
     if missing:
@@ -168,6 +235,7 @@ def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label
     except TypeError:
         raise _sequence_type_error(path, sequence_column, seq.type) from None
     labels = None
+    label_bad: dict[int, str] = {}
     if label_column:
         lab = table.column(1).combine_chunks()
         is_list = pa.types.is_list(lab.type) or pa.types.is_large_list(lab.type) or pa.types.is_fixed_size_list(lab.type)
@@ -177,24 +245,25 @@ def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label
             nulls = nulls | lab_nulls
         elif is_list:
             lab_offsets, lab_nulls, lab_values = _list_parts(lab)
-            both = ~(nulls | lab_nulls)
-            if not np.array_equal(np.diff(lab_offsets)[both], np.diff(offsets)[both]):
-                bad = int(np.flatnonzero((np.diff(lab_offsets) != np.diff(offsets)) & both)[0])
-                raise BadSampleError(redact(path), f"row {first_row + bad}", f"'{label_column}' has "
-                                     f"{np.diff(lab_offsets)[bad]} steps but '{sequence_column}' has {np.diff(offsets)[bad]}")
+            label_bad = _tag_problems(path, label_column, sequence_column, offsets, lab_offsets, lab_values,
+                                      nulls | lab_nulls)
             nulls = nulls | lab_nulls
             labels = lab_values.to_numpy(zero_copy_only=False)
-            if nulls.any():
-                # Tags must line up with `values` step for step: rows with a null sequence or null
-                # tags get zeros in their place (they are reported as bad and never used).
+            unusable = nulls.copy()
+            unusable[list(label_bad)] = True
+            if unusable.any():
+                # Tags must line up with `values` step for step: rows with a null sequence, null tags
+                # or a wrong tag count get zeros in their place (they are reported as bad, never used).
                 aligned = np.zeros(int(offsets[-1]), labels.dtype)
-                keep = np.flatnonzero(~nulls)
+                keep = np.flatnonzero(~unusable)
                 aligned[_segments(offsets[keep], np.diff(offsets)[keep])] = \
                     labels[_segments(lab_offsets[keep], np.diff(lab_offsets)[keep])]
                 labels = aligned
         else:
             nulls = nulls | (lab.is_null().to_numpy(zero_copy_only=False) if lab.null_count else False)
-            labels = lab.fill_null(0).to_numpy(zero_copy_only=False)
+            labels, label_bad = _scalar_labels(path, label_column, lab, task)
     bad = {int(r): f"null in '{sequence_column}' or '{label_column}'" for r in np.flatnonzero(nulls)}
+    for r, problem in label_bad.items():
+        bad.setdefault(r, problem)
     return Chunk(values=_to_numpy_values(path, sequence_column, values, seq.type), offsets=offsets, labels=labels,
                  first_row=first_row, bad=bad)

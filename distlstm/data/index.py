@@ -19,6 +19,7 @@ from distlstm.data.manifest import Manifest
 from distlstm.data.sources import WHOLE_FILE_MAX_MB, expand_paths, file_info, redact
 from distlstm.tasks import get_task
 
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DISTLSTM_CACHE", Path.home() / ".cache" / "distlstm"))
 
@@ -29,7 +30,7 @@ def shard_format(path: str, fmt: str = "auto") -> str:
     name = path.split("?")[0].lower()
     if name.endswith((".parquet", ".pq")):
         return "parquet"
-    if name.endswith(".tar"):
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
         return "tar"
     raise ValueError(f"cannot tell the format of {redact(path)} from its name; set --data.format parquet|tar")
 
@@ -125,7 +126,7 @@ def _shard_layout(url: str, fmt: str, column: str, cache: Path | None, storage_o
     """(rows per chunk, lengths, size, cache entry holding the footer) of one shard, from the cache
     when the file is unchanged. A remote Parquet shard's footer is kept in its cache entry, so that
     the loader's processes need not fetch it again."""
-    info = file_info(url, storage_options=storage_options)
+    info = file_info(url, storage_options=storage_options, retries=retries)
     path = None
     if cache is not None:
         path = cache / "index" / f"{_cache_key(url, column, info)}.npz"
@@ -175,15 +176,20 @@ def _default_column(first_shard: str, fmt: str, storage_options, retries) -> str
 def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label_column: str = "",
                cache_dir: str | Path | None = None, storage_options: dict | None = None,
                retries: int = 3, progress=None, task: str | None = None,
-               whole_shard_max_mb: float = WHOLE_FILE_MAX_MB) -> DatasetIndex:
+               whole_shard_max_mb: float = WHOLE_FILE_MAX_MB, verify: str = "size") -> DatasetIndex:
     """Index a split: a prepared dataset folder (with manifest.json), files, globs, brace ranges or URLs.
     `task` (model.task) decides whether there is a label column at all: lm reads none, so a raw
-    Parquet file with only a token column is a complete lm dataset."""
+    Parquet file with only a token column is a complete lm dataset. `verify` checks the shards
+    against the manifest (distlstm.data.verify)."""
     storage_options = dict(storage_options or {})
-    manifest = Manifest.find(spec, storage_options=storage_options)
-    shards = manifest.shard_urls() if manifest else expand_paths(spec, storage_options=storage_options)
+    manifest = Manifest.find(spec, storage_options=storage_options, retries=retries)
+    shards = manifest.shard_urls() if manifest else expand_paths(spec, storage_options=storage_options,
+                                                                 retries=retries)
     if not shards:
         raise ValueError(f"no shards found for {redact(spec)}")
+    if manifest:
+        from distlstm.data.verify import verify_shards
+        verify_shards(shards, manifest.shards, verify, storage_options=storage_options, retries=retries)
     known = manifest.format if manifest and manifest.format else "auto"
     formats = [shard_format(s, known if fmt == "auto" else fmt) for s in shards]
     column = sequence_column or (manifest and manifest.sequence_column) or _default_column(

@@ -15,10 +15,15 @@ number (the plan, and so the position, stay exact) and plans later epochs with i
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
 import logging
+import os
+import signal
+import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,6 +44,58 @@ from distlstm.tasks import Task, _per_sample_any, get_task
 
 STATE_VERSION = 2  # 2: + "streams"; a version 1 state was saved with one stream
 log = logging.getLogger(__name__)
+
+
+def worker_init(worker_id: int) -> None:
+    """Leave stop signals to the training process. srun, scancel, torchrun's shutdown and
+    `kill -TERM -<pgid>` signal every process of the job: a worker that died of it would fail the
+    step in progress ("DataLoader worker ... killed by signal") before the trainer could commit the
+    preemption checkpoint, and Ctrl-C would print a KeyboardInterrupt from each worker. A worker
+    ignores them and dies with its parent instead (PR_SET_PDEATHSIG), so none outlives a killed trainer."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+
+
+_started_workers: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _track_workers(batches) -> None:
+    """Remember this DataLoader iterator's worker processes, so that `_kill_leftover_workers` can end
+    them at exit. One place touches the private `_workers` (tests/test_hostile_data.py checks it)."""
+    workers = getattr(batches, "_workers", None)
+    if workers is None:
+        raise RuntimeError("torch's DataLoader iterator has no `_workers` any more; update "
+                           "distlstm.data.loader._track_workers for this torch version")
+    _started_workers.update(workers)
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    """Workers ignore SIGTERM (see worker_init), and at interpreter exit torch's shutdown is a no-op
+    while multiprocessing's own terminates (SIGTERM) then joins every daemonic child without a
+    timeout: a worker whose iterator was still alive (an exception's traceback holding it) would
+    hang the exit forever. SIGKILL them first (registered after multiprocessing's handler, so it
+    runs before it)."""
+    leftover = [p for p in list(_started_workers) if p.is_alive()]
+    if leftover and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would report each of them as a worker that died ("killed by signal").
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for process in leftover:
+        process.kill()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import multiprocessing
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: DataLoader's own watchdog still ends the worker
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before the prctl
+        os._exit(1)
 
 
 def find_bad_samples(chunk: Chunk, *, task: str | Task, vocab_size: int, num_classes: int) -> dict[int, str]:
@@ -71,12 +128,34 @@ def find_bad_samples(chunk: Chunk, *, task: str | Task, vocab_size: int, num_cla
     return bad
 
 
+def check_input_kind(chunk: Chunk, shard: str, input_size: int | None) -> None:
+    """BadSampleError when a chunk's sequences are not what the model takes: token ids (`input_size`
+    0) or float vectors of `input_size` features; None checks nothing. Without this a float shard
+    among int ones, nested lists or another feature width fail deep inside numpy or torch, naming
+    no file."""
+    values = chunk.values
+    if input_size is None or len(values) == 0:
+        return
+    is_tokens = values.ndim == 1 and values.dtype.kind in "iu"
+    if input_size == 0 and not is_tokens:
+        what = (f"float feature vectors ({values.shape[1]} per step)" if values.ndim == 2 else f"{values.dtype} values")
+        raise BadSampleError(shard, "sequences", f"hold {what}, but the model takes integer token ids "
+                             "(model.input=tokens)", fix="re-create the shard with integer token ids, or set "
+                             "--model.input features and --model.input_size if the data are feature vectors")
+    if input_size and (values.ndim != 2 or values.shape[1] != input_size):
+        what = f"{values.shape[1]} features per step" if values.ndim == 2 else f"1-D {values.dtype} values"
+        raise BadSampleError(shard, "sequences", f"hold {what}, but the model takes {input_size} features per "
+                             "step (model.input_size)", fix="give every shard the same feature width, or set "
+                             "--model.input_size to match the data")
+
+
 class _Assembler:
     """Turns sample ids into a padded Batch from the joined buffers of the windows in use."""
 
     def __init__(self, index: DatasetIndex, *, task: str | Task, max_length: int, vocab_size: int,
-                 num_classes: int, on_bad_sample: str, quarantine: Path | None):
+                 num_classes: int, on_bad_sample: str, quarantine: Path | None, input_size: int | None = None):
         self.index, self.task, self.max_length = index, get_task(task), max_length
+        self.input_size = input_size
         self.vocab_size, self.num_classes = vocab_size, num_classes
         self.on_bad_sample, self.quarantine = on_bad_sample, quarantine
         self._wins: OrderedDict[tuple, _Window] = OrderedDict()
@@ -93,6 +172,7 @@ class _Assembler:
                 raise BadSampleError(shard, f"chunk {int(self.index.chunk_local[c])}", f"has {len(chunk)} samples "
                                      f"but the index says {rows}: the file changed after it was indexed",
                                      fix="delete the index cache (data.cache_dir) or restore the file")
+            check_input_kind(chunk, self.index.shards[self.index.chunk_shard[c]], self.input_size)
             bad = find_bad_samples(chunk, task=self.task, vocab_size=self.vocab_size, num_classes=self.num_classes)
         except BadSampleError as exc:
             if self.on_bad_sample == "error":
@@ -272,6 +352,48 @@ class _Window:
         return chunk, local, bad[local]
 
 
+class WorkerFailure:
+    """An exception raised in a DataLoader worker, yielded to the main process instead of raised.
+
+    Raised in the worker, torch would re-raise it in the main process as `type(exc)(message)` with the
+    message replaced by 18 lines of "Caught BadSampleError in DataLoader worker process 0 ... Original
+    Traceback ...", the shard and row only at the very end. Shipped as an item, the main process
+    raises the original exception (fields and message intact) with the worker's traceback as its
+    cause, which --train.debug shows."""
+
+    def __init__(self, exc: BaseException, traceback_text: str):
+        self.exc, self.traceback_text = exc, traceback_text
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "WorkerFailure":
+        import pickle
+        import traceback
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            pickle.loads(pickle.dumps(exc))  # an exception that does not survive pickling would be lost
+        except Exception:  # noqa: BLE001
+            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+        return cls(exc, text)
+
+    def reraise(self) -> None:
+        raise self.exc from WorkerTraceback(self.traceback_text)
+
+
+def _raise_worker_failures(batches: Iterator) -> Iterator[Batch]:
+    for batch in batches:
+        if isinstance(batch, WorkerFailure):
+            batch.reraise()
+        yield batch
+
+
+class WorkerTraceback(Exception):
+    """Where a DataLoader worker's exception was raised (its traceback, as text)."""
+
+    def __str__(self) -> str:
+        return "the DataLoader worker's traceback:\n" + self.args[0]
+
+
 class _Stream(IterableDataset):
     """This rank's batches from (epoch, consumed) on; each worker takes every W-th batch."""
 
@@ -286,6 +408,15 @@ class _Stream(IterableDataset):
                          epoch=epoch)
 
     def __iter__(self) -> Iterator[Batch]:
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except Exception as exc:  # noqa: BLE001 -- shipped whole to the main process, see WorkerFailure
+            yield WorkerFailure.of(exc)
+
+    def _batches(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         k, epoch, start, N = 0, self.epoch, self.consumed, self.dp_world_size
@@ -328,7 +459,7 @@ class BatchLoader:
                  dp_world_size: int, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
                  max_epochs: int = 0, vocab_size: int = 0, num_classes: int = 0, on_bad_sample: str = "error",
                  quarantine: Path | None = None, agree: Callable[[int], bool] | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, input_size: int | None = None):
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank={dp_rank} outside dp_world_size={dp_world_size}")
         self.index, self.params, self.seed = index, params, seed
@@ -338,7 +469,8 @@ class BatchLoader:
         self.device = device
         """Set: batches arrive on this device, copied one batch ahead (distlstm/data/prefetch.py)."""
         self.assembler = _Assembler(index, task=task, max_length=params.max_length, vocab_size=vocab_size,
-                                    num_classes=num_classes, on_bad_sample=on_bad_sample, quarantine=quarantine)
+                                    num_classes=num_classes, on_bad_sample=on_bad_sample, quarantine=quarantine,
+                                    input_size=input_size)
         self.epoch, self.consumed = 0, 0
         self._resumed_streams: tuple[int, int] | None = None  # (epoch, streams) recorded in a loaded state
         if params.too_long == "error":
@@ -375,10 +507,14 @@ class BatchLoader:
             # global torch RNG, which also drives dropout, so a resumed run's dropout would shift.
             batches = iter(DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
                                       prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                                      generator=torch.Generator().manual_seed(self.seed)))
+                                      generator=torch.Generator().manual_seed(self.seed),
+                                      worker_init_fn=worker_init))
+            _track_workers(batches)
         else:  # in-process: the DataLoader would only add per-batch overhead
             batches = (b.pin_memory() if self.pin_memory else b for b in iter(stream))
         source = batches
+        if workers:
+            batches = _raise_worker_failures(batches)
         if self.device is not None:
             batches = prefetch_to_device(batches, self.device)
         checked = None
@@ -496,7 +632,9 @@ def plan_params(data_cfg, *, shuffle: bool = True, streams: int = 1) -> PlanPara
 def build_loader(index: DatasetIndex, data_cfg, *, task: str, dp_rank: int, dp_world_size: int,
                  vocab_size: int, num_classes: int, pin_memory: bool, run_dir: Path | None,
                  agree=None, shuffle: bool = True, max_epochs: int = 0, num_workers: int | None = None,
-                 device: torch.device | None = None) -> BatchLoader:
+                 device: torch.device | None = None, input_size: int | None = None) -> BatchLoader:
+    """`input_size`: what the model takes, checked per chunk: 0 = token ids, N = N features per
+    step, None = unchecked."""
     workers = data_cfg.num_workers if num_workers is None else num_workers
     streams = streams_for(data_cfg, index, dp_world_size=dp_world_size, num_workers=workers, shuffle=shuffle)
     readers = dp_world_size * max(1, workers)
@@ -512,4 +650,5 @@ def build_loader(index: DatasetIndex, data_cfg, *, task: str, dp_rank: int, dp_w
     return BatchLoader(index, params, task=task, seed=data_cfg.seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
                        num_workers=workers, prefetch_factor=data_cfg.prefetch_factor, pin_memory=pin_memory,
                        max_epochs=max_epochs, vocab_size=vocab_size, num_classes=num_classes,
-                       on_bad_sample=data_cfg.on_bad_sample, quarantine=quarantine, agree=agree, device=device)
+                       on_bad_sample=data_cfg.on_bad_sample, quarantine=quarantine, agree=agree, device=device,
+                       input_size=input_size)

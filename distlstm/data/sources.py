@@ -120,6 +120,18 @@ def _is_not_found(exc: BaseException) -> bool:
     return isinstance(exc, FileNotFoundError) or _http_status(exc) == 404
 
 
+def _denied_status(exc: BaseException) -> int | None:
+    """401 or 403 anywhere in the cause chain: fsspec's HTTP backend re-raises them as FileNotFoundError."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _http_status(current) in (401, 403):
+            return _http_status(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return None
+
+
 def _describe(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {exc}")
 
@@ -137,6 +149,10 @@ def with_retries(fn: Callable[[], T], url: str, *, retries: int = 3, backoff_s: 
             return fn()
         except Exception as exc:  # noqa: BLE001 -- classified below
             if not is_transient(exc):
+                if (status := _denied_status(exc)) is not None:
+                    raise PermissionError(errno.EACCES, f"{redact(url)}: access denied (HTTP {status}, {what}); check "
+                                          f"the credentials in data.storage_options, or that a signed URL has not "
+                                          f"expired", redact(url)) from None
                 if _is_not_found(exc):
                     # `from None`: the original message may carry the unredacted URL.
                     raise FileNotFoundError(errno.ENOENT, f"{redact(url)}: not found ({what}); check the path "
@@ -170,8 +186,19 @@ def _default_options(url: str, storage_options: dict | None) -> dict:
     return options
 
 
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
 def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url, **_default_options(url, storage_options))
+    try:
+        return fsspec.core.url_to_fs(url, **_default_options(url, storage_options))
+    except ImportError as exc:  # fsspec knows the protocol, its backend package is not installed
+        protocol = _protocol(url)
+        extra = _EXTRAS.get(protocol)
+        how = (f"pip install 'distlstm[{extra}]'" if extra else
+               f"install the fsspec backend for {protocol}:// ({str(exc).strip() or type(exc).__name__})")
+        raise ValueError(f"{redact(url)}: reading {protocol}:// URLs needs a package that is not installed; "
+                         f"{how}") from None
 
 
 class _RetryingReader:
@@ -555,9 +582,9 @@ def _is_shard_name(name: str) -> bool:
     return not name.endswith(_SIDECAR_SUFFIXES)
 
 
-def _manifest_shards(manifest_url: str, storage_options: dict | None) -> list[str]:
+def _manifest_shards(manifest_url: str, storage_options: dict | None, retries: int = 3) -> list[str]:
     from distlstm.data.manifest import Manifest  # late: manifest reads through this module
-    return Manifest.read(manifest_url, storage_options=storage_options).shard_urls()
+    return Manifest.read(manifest_url, storage_options=storage_options, retries=retries).shard_urls()
 
 
 def _expand_local(pattern: str) -> list[str]:
@@ -584,36 +611,37 @@ def _expand_local(pattern: str) -> list[str]:
     return [path]
 
 
-def _expand_remote(pattern: str, storage_options: dict | None) -> list[str]:
+def _expand_remote(pattern: str, storage_options: dict | None, retries: int = 3) -> list[str]:
     protocol = _protocol(pattern)
     if protocol in ("http", "https"):
         # HTTP cannot list: URLs are taken literally, except a "directory" URL ending in "/",
         # which must hold a manifest.json.
         if pattern.endswith("/"):
-            return _manifest_shards(pattern + "manifest.json", storage_options)
+            return _manifest_shards(pattern + "manifest.json", storage_options, retries)
         return [pattern]
     fs, path = _filesystem(pattern, storage_options)
     if _GLOB_CHARS.search(path):
-        found = sorted(p for p in with_retries(lambda: fs.glob(path), pattern, what="glob") if _is_shard_name(p))
+        found = sorted(p for p in with_retries(lambda: fs.glob(path), pattern, retries=retries, what="glob") if _is_shard_name(p))
         if not found:
             raise ValueError(f"{redact(pattern)}: glob matched no objects (looked for {protocol}://{path})")
         return [fs.unstrip_protocol(p) for p in found]
     name = path.rstrip("/").rsplit("/", 1)[-1]
     if name == "manifest.json":
-        return _manifest_shards(pattern, storage_options)
+        return _manifest_shards(pattern, storage_options, retries)
     if "." in name and not pattern.endswith("/"):
         return [pattern]  # a file name: taken literally (no request per shard)
     base = pattern.rstrip("/")
-    if with_retries(lambda: fs.exists(path.rstrip("/") + "/manifest.json"), pattern, what="stat"):
-        return _manifest_shards(base + "/manifest.json", storage_options)
-    found = sorted(p for p in with_retries(lambda: fs.ls(path, detail=False), pattern, what="list")
+    if with_retries(lambda: fs.exists(path.rstrip("/") + "/manifest.json"), pattern, retries=retries,
+                    what="stat"):
+        return _manifest_shards(base + "/manifest.json", storage_options, retries)
+    found = sorted(p for p in with_retries(lambda: fs.ls(path, detail=False), pattern, retries=retries, what="list")
                    if p.endswith(SHARD_SUFFIXES))
     if not found:
         raise ValueError(f"{redact(pattern)}: no manifest.json and no shard objects under {protocol}://{path}")
     return [fs.unstrip_protocol(p) for p in found]
 
 
-def expand_paths(spec: str | list[str], *, storage_options: dict | None = None) -> list[str]:
+def expand_paths(spec: str | list[str], *, storage_options: dict | None = None, retries: int = 3) -> list[str]:
     """Shard URLs/paths for a dataset spec, in a deterministic order.
 
     `spec` is a list or a comma-separated string of: local files; directories (the shards listed in
@@ -632,5 +660,5 @@ def expand_paths(spec: str | list[str], *, storage_options: dict | None = None) 
             if _protocol(pattern) == "file":
                 out.extend(_expand_local(pattern))
             else:
-                out.extend(_expand_remote(pattern, storage_options))
+                out.extend(_expand_remote(pattern, storage_options, retries))
     return out

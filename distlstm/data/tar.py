@@ -8,7 +8,9 @@ Optional sidecar ``<shard>.idx.json`` = {"version": 1, "keys": [...], "lengths":
 
 Tar parsing is Python's `tarfile` in stream mode (one pass, works over non-seekable HTTP bodies);
 grouping members into samples is webdataset's `group_by_keys`. Unlike `tarfile` on its own, a
-truncated or corrupt tar is an error here, never a silently shorter shard.
+truncated or corrupt tar is an error here, never a silently shorter shard. Members with a suffix
+none of the above uses (images, text, anything else a WebDataset may carry) are passed over without
+reading them, and a member above `MAX_MEMBER_BYTES` is never read: its sample is bad.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from distlstm.tasks import TASKS, get_task
 
 SEQUENCE_SUFFIXES = ("tokens.npy", "features.npy")
 LABEL_SUFFIXES = {t.name: t.tar_label for t in TASKS.values() if t.tar_label}
+KNOWN_SUFFIXES = frozenset((*SEQUENCE_SUFFIXES, *LABEL_SUFFIXES.values()))
+MAX_MEMBER_BYTES = 1 << 30
+"""A member this large is not read (its sample is bad): one sample of a sequence model has no business
+being a gigabyte, and reading it whole would take that much memory in every loader worker."""
 _CORRUPT_FIX = "re-create or re-copy the shard (compare its sha256 with manifest.json), or remove it from the dataset"
 _CORRUPT_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
@@ -67,22 +73,48 @@ def _end_recorder() -> type[tarfile.TarInfo]:
     return Recorder
 
 
+class Oversize:
+    """Stands in for the data of a member above the size cap (never read)."""
+
+    def __init__(self, size: int, cap: int):
+        self.size, self.cap = size, cap
+
+    def problem(self, suffix: str) -> str:
+        return (f".{suffix} is {self.size} bytes, over the {self.cap}-byte per-member cap (tar.MAX_MEMBER_BYTES); "
+                "split it into shorter samples (distlstm.prep --seq-len)")
+
+
 def _members(handle, shard: str, progress: list[str], *, random_access: bool = False,
-             headers_only: bool = False) -> Iterator[dict]:
+             headers_only: bool = False, max_member_bytes: int = MAX_MEMBER_BYTES,
+             unknown: set[str] | None = None) -> Iterator[dict]:
     """Yield webdataset file dicts {fname, data, __url__}; raise BadSampleError on corruption.
 
     `progress` receives each member name so the caller can name the last good one.
-    With `headers_only`, `.npy` sequence members yield only their first 4 KiB.
+    With `headers_only`, `.npy` sequence members yield only their first 4 KiB. Members with a suffix
+    not in KNOWN_SUFFIXES are not read (their suffixes go to `unknown`); members over
+    `max_member_bytes` yield an `Oversize` instead of their data.
     """
     recorder = _end_recorder()
     try:
         tf = tarfile.open(fileobj=handle, mode="r:*" if random_access else "r|*", tarinfo=recorder)
         for info in tf:
-            if not info.isreg() or tariterators.base_plus_ext(info.name)[0] is None:
+            if not info.isreg():
+                continue
+            key, suffix = tariterators.base_plus_ext(info.name)
+            if key is None:
                 continue
             member = tf.extractfile(info)
+            if suffix.lower() not in KNOWN_SUFFIXES:
+                if unknown is not None and len(unknown) < 8:
+                    unknown.add(suffix)
+                _pass_over(member, random_access)
+                tf.members = []
+                continue
             if headers_only and info.name.endswith(SEQUENCE_SUFFIXES):
                 data = member.read(min(info.size, 4096))
+            elif info.size > max_member_bytes:
+                data = Oversize(info.size, max_member_bytes)
+                _pass_over(member, random_access)
             else:
                 data = member.read()
             progress.append(info.name)
@@ -98,6 +130,14 @@ def _members(handle, shard: str, progress: list[str], *, random_access: bool = F
         raise _corrupt(shard, progress, problem)
 
 
+def _pass_over(member, random_access: bool) -> None:
+    """Move past a member's data without holding it. A seekable file seeks; a stream is read in 8 MiB
+    pieces that are dropped (tarfile's own skipping reads 10 KiB at a time, several times slower)."""
+    if not random_access:
+        while member.read(8 << 20):
+            pass
+
+
 def _corrupt(shard: str, progress: list[str], problem: str) -> BadSampleError:
     where = f"after member {progress[-1]}" if progress else "at the start"
     return BadSampleError(shard, where, f"truncated or corrupt tar: {problem}", fix=_CORRUPT_FIX)
@@ -105,15 +145,23 @@ def _corrupt(shard: str, progress: list[str], problem: str) -> BadSampleError:
 
 def _samples(handle, shard: str, **kw) -> Iterator[dict]:
     progress: list[str] = []
-    files = _members(handle, shard, progress, **kw)
+    unknown: set[str] = set()
+    files = _members(handle, shard, progress, unknown=unknown, **kw)
+    found = False
     try:
         # group_by_keys: consecutive members with the same KEY form one sample; handler re-raises.
-        yield from tariterators.group_by_keys(files)
+        for sample in tariterators.group_by_keys(files):
+            found = True
+            yield sample
     except BadSampleError:
         raise
     except ValueError as exc:  # a member name repeated within one sample
         raise BadSampleError(shard, f"after member {progress[-1]}" if progress else "members",
                              str(exc.args[0]) if exc.args else repr(exc), fix=_CORRUPT_FIX) from None
+    if not found and unknown:
+        raise BadSampleError(shard, "members", f"no member distlstm reads (.{', .'.join(sorted(KNOWN_SUFFIXES))}); "
+                             f"found only .{', .'.join(sorted(unknown))}",
+                             fix="write the samples with distlstm.prep, or name the members as listed")
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -135,6 +183,8 @@ def _decode_sequence(sample: dict) -> tuple[np.ndarray | None, str | None]:
         return None, f"no sequence member (.{' or .'.join(SEQUENCE_SUFFIXES)})"
     if kind == "both":
         return None, "has both .tokens.npy and .features.npy"
+    if isinstance(sample[kind], Oversize):
+        return None, sample[kind].problem(kind)
     try:
         array = _npy(sample[kind])
     except Exception as exc:  # noqa: BLE001 -- any decode failure is this sample's problem
@@ -157,6 +207,8 @@ def _decode_sequence(sample: dict) -> tuple[np.ndarray | None, str | None]:
 def _decode_label(sample: dict, suffix: str, length: int) -> tuple[np.ndarray | None, str | None]:
     if suffix not in sample:
         return None, f"missing label .{suffix}"
+    if isinstance(sample[suffix], Oversize):
+        return None, sample[suffix].problem(suffix)
     try:
         if suffix == "cls":
             return np.asarray([int(sample[suffix].decode("utf-8").strip())], np.int64), None
@@ -188,7 +240,8 @@ def _label_suffix(samples: list[dict], task: str | None, shard: str) -> str | No
 
 
 def read_tar_chunk(url: str, *, storage_options: dict | None = None, retries: int = 3, task: str | None = None,
-                   expected_lengths: np.ndarray | None = None, on_bad: str = "mark") -> Chunk:
+                   expected_lengths: np.ndarray | None = None, on_bad: str = "mark",
+                   max_member_bytes: int = MAX_MEMBER_BYTES) -> Chunk:
     """Decode a whole tar shard into one `Chunk`.
 
     `task` (classify/regress/tag/lm) says which label member to expect; None infers it from the
@@ -202,7 +255,7 @@ def read_tar_chunk(url: str, *, storage_options: dict | None = None, retries: in
     shard = redact(url)
     # One sequential pass, one request: the owner of a tar shard streams it once per epoch.
     with open_stream(url, storage_options=storage_options, retries=retries) as handle:
-        samples = list(_samples(handle, shard))
+        samples = list(_samples(handle, shard, max_member_bytes=max_member_bytes))
     suffix = _label_suffix(samples, task, shard)
     sequences, labels, keys, bad = [], [], [], {}
     seq_kind = next((k for s in samples if (k := _sequence_kind(s)) in SEQUENCE_SUFFIXES), "tokens.npy")
