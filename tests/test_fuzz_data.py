@@ -109,7 +109,7 @@ def _write_parquet(path: Path, tokens, labels, task: str, hit_rows, kinds, row_g
             labels, label_type = [[str(v) for v in row] for row in labels], pa.list_(pa.string())
         else:
             labels, label_type = [str(x) for x in labels], pa.string()
-    if "fractional_labels" in kinds and task == "classify":
+    if "fractional_labels" in kinds and task == "classify" and "string_labels" not in kinds:
         labels, label_type = [x + 0.5 for x in labels], pa.float64()
     if "float_tokens" in kinds:
         tokens, token_type = [None if t is None else [v + 0.5 for v in t] for t in tokens], pa.list_(pa.float32())

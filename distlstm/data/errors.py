@@ -30,7 +30,9 @@ class BadSampleError(ValueError):
             return
         self.shard = redact(str(shard))
         self.where = where
-        self.problem = redact(str(problem))
+        # One line, always: Arrow's and tarfile's messages span several ("...thrift: TProtocolException:
+        # Invalid data\n", "could not be opened successfully:\n- method gz: ...").
+        self.problem = redact(" ".join(str(problem).split()))
         self.fix = fix or _DEFAULT_FIX
         super().__init__(f"shard {self.shard}: {where}: {self.problem}; fix: {self.fix}")
 

@@ -40,9 +40,8 @@ def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndar
 
 def _unreadable(path: str, where: str, exc: BaseException) -> BadSampleError:
     """A row group Arrow cannot decode (a corrupt page under an intact footer: "Couldn't deserialize
-    thrift"), named by file and row group, Arrow's multi-line message on one line."""
-    detail = " ".join(str(exc).split()) or type(exc).__name__
-    return BadSampleError(redact(path), where, f"cannot be read ({detail})",
+    thrift"), named by file and row group."""
+    return BadSampleError(redact(path), where, f"cannot be read ({str(exc) or type(exc).__name__})",
                           fix="re-create the shard, or run with --data.on_bad_sample skip")
 
 
