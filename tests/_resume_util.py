@@ -25,7 +25,7 @@ uninterrupted run's (the LR schedule and the data plan depend on it):
         as "signal", but to this process's whole process group (its DataLoader workers too), as
         `kill -TERM -<pgid>` does; "target": "job" signals every process of the run (every process
         with the run directory on its command line: torchrun, each rank, their DataLoader workers),
-        as scancel or srun do; "times": 2 sends it twice in a row
+        as scancel or srun do; both from a separate `kill` process; "times": 2 sends it twice
     DISTLSTM_TEST_FAULT='{"action": "pause", "step": 5, "ready": "/path/a", "go": "/path/b"}'
         at step 5, create the file `ready`, then wait (up to 120 s) until the file `go` exists
     DISTLSTM_TEST_FAULT='{"action": "fsize", "step": 5, "bytes": 4096}'
@@ -67,20 +67,27 @@ def _die() -> None:
 
 
 def _send(sig: int, target: str) -> None:
+    """Signal this process, or (from a separate `kill` process, as a shell, srun or scancel would:
+    torch's DataLoader workers exit quietly on a SIGTERM sent by their own parent) its process group
+    or every process of the run."""
     if target == "self":
         os.kill(os.getpid(), sig)
-    elif target == "group":
-        os.killpg(os.getpgrp(), sig)
+        return
+    if target == "group":
+        targets = ["--", f"-{os.getpgrp()}"]
     elif target == "job":
         run_dir = sys.argv[sys.argv.index("--train.run_dir") + 1]
+        targets = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
                 if run_dir in cmdline.read_bytes().decode(errors="replace").split("\0"):
-                    os.kill(int(cmdline.parent.name), sig)
-            except (OSError, ValueError):
+                    targets.append(cmdline.parent.name)
+            except OSError:
                 pass  # gone meanwhile
     else:
         raise SystemExit(f"_resume_util: unknown signal target {target!r}")
+    import subprocess
+    subprocess.run(["kill", "-s", signal.Signals(sig).name.removeprefix("SIG"), *targets], check=False)
 
 
 def install(fault: dict) -> None:

