@@ -186,8 +186,9 @@ def load_checkpoint_weights(model: nn.Module, path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from distlstm.checkpoint import _check_shapes, _quiet_single_process
+    from distlstm.checkpoint_guard import SafeFileSystemReader
     state = {"model": get_model_state_dict(model)}
-    reader = dcp.FileSystemReader(path)
+    reader = SafeFileSystemReader(path)  # never DCP's own: it unpickles .metadata with pickle.load
     _check_shapes(path, state, reader.read_metadata())
     with _quiet_single_process(True):
         dcp.load(state, storage_reader=reader, no_dist=True)

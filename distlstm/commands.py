@@ -100,10 +100,11 @@ def session(cfg: Config) -> Iterator[Session]:
 def main_wrapper(body: Callable[[list[str]], int], argv: list[str] | None) -> int:
     """Bad input and I/O failures as one `error:` line (exit 2), as `distlstm.train` does."""
     argv = sys.argv[1:] if argv is None else argv
+    from distlstm.errors import USER_ERRORS, message
     try:
         return body(argv)
-    except (ValueError, OSError) as exc:  # ConfigError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:  # ConfigError is a ValueError; DCP's CheckpointException is listed there
+        print(f"error: {message(exc)}", file=sys.stderr)
         return 2
 
 

@@ -3,8 +3,9 @@
 The directory is derived from the command, not the clock: `runs/<config name>-<8 hex digits>`, the
 digits a hash of the whole config as given (every section, except the few options in NOT_HASHED
 that change how a run executes or reports but not what it trains: run_dir, resume, progress bar,
-worker and thread counts, timeout). So the same command (same config file and overrides) always names
-the same directory: after a stop, a crash or a preemption, starting it again resumes from the
+worker and thread counts, timeout, the data checks data.verify and data.max_bad_fraction, so that
+a run stopped by too many bad samples resumes with a raised limit). So the same command (same
+config file and overrides) always names the same directory: after a stop, a crash or a preemption, starting it again resumes from the
 newest valid checkpoint there (`checkpoint.resume=auto`). Any changed option names a new
 directory, so two different experiments never share one.
 
@@ -26,7 +27,7 @@ from distlstm.config import Config, to_toml
 # Options that change how a run executes or reports, not what it trains: left out of the hash, so
 # e.g. `--log.progress false` or another worker count still finds (and resumes) the same run.
 NOT_HASHED = {"train": ("run_dir", "threads", "timeout_s"), "checkpoint": ("resume",),
-              "log": ("progress",), "data": ("num_workers", "prefetch_factor")}
+              "log": ("progress",), "data": ("num_workers", "prefetch_factor", "verify", "max_bad_fraction")}
 
 
 def default_run_dir(cfg: Config, config_name: str = "default") -> str:
