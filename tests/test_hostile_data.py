@@ -27,9 +27,10 @@ from distlstm.config import DataConfig
 from distlstm.data.errors import BadSampleError
 from distlstm.data.formats import read_parquet_chunk
 from distlstm.data.index import open_index
-from distlstm.data.loader import _track_workers, build_loader
+from distlstm.data.loader import build_loader
 from distlstm.data.sources import RetriesExhaustedError
 from distlstm.data.tar import read_tar_chunk
+from distlstm.data.workers import track_workers
 from distlstm.train import main
 
 pytestmark = pytest.mark.timeout(120)
@@ -306,7 +307,7 @@ def test_dataloader_workers_are_tracked():
 
     it = iter(DataLoader(range(4), num_workers=1))
     try:
-        _track_workers(it)
+        track_workers(it)
     finally:
         it._shutdown_workers()
 

@@ -15,15 +15,10 @@ number (the plan, and so the position, stay exact) and plans later epochs with i
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import hashlib
 import json
 import logging
-import os
-import signal
-import threading
-import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -40,62 +35,11 @@ from distlstm.data.index import DatasetIndex
 from distlstm.data.plan import EpochPlan, PlanParams
 from distlstm.data.fetch import WindowFetcher
 from distlstm.data.prefetch import prefetch_to_device
+from distlstm.data.workers import WorkerFailure, raise_worker_failures, track_workers, worker_init
 from distlstm.tasks import Task, _per_sample_any, get_task
 
 STATE_VERSION = 2  # 2: + "streams"; a version 1 state was saved with one stream
 log = logging.getLogger(__name__)
-
-
-def worker_init(worker_id: int) -> None:
-    """Leave stop signals to the training process. srun, scancel, torchrun's shutdown and
-    `kill -TERM -<pgid>` signal every process of the job: a worker that died of it would fail the
-    step in progress ("DataLoader worker ... killed by signal") before the trainer could commit the
-    preemption checkpoint, and Ctrl-C would print a KeyboardInterrupt from each worker. A worker
-    ignores them and dies with its parent instead (PR_SET_PDEATHSIG), so none outlives a killed trainer."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    _die_with_parent()
-
-
-_started_workers: "weakref.WeakSet" = weakref.WeakSet()
-
-
-def _track_workers(batches) -> None:
-    """Remember this DataLoader iterator's worker processes, so that `_kill_leftover_workers` can end
-    them at exit. One place touches the private `_workers` (tests/test_hostile_data.py checks it)."""
-    workers = getattr(batches, "_workers", None)
-    if workers is None:
-        raise RuntimeError("torch's DataLoader iterator has no `_workers` any more; update "
-                           "distlstm.data.loader._track_workers for this torch version")
-    _started_workers.update(workers)
-
-
-@atexit.register
-def _kill_leftover_workers() -> None:
-    """Workers ignore SIGTERM (see worker_init), and at interpreter exit torch's shutdown is a no-op
-    while multiprocessing's own terminates (SIGTERM) then joins every daemonic child without a
-    timeout: a worker whose iterator was still alive (an exception's traceback holding it) would
-    hang the exit forever. SIGKILL them first (registered after multiprocessing's handler, so it
-    runs before it)."""
-    leftover = [p for p in list(_started_workers) if p.is_alive()]
-    if leftover and threading.current_thread() is threading.main_thread():
-        # torch's SIGCHLD handler would report each of them as a worker that died ("killed by signal").
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for process in leftover:
-        process.kill()
-
-
-def _die_with_parent() -> None:
-    import ctypes
-    import multiprocessing
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: DataLoader's own watchdog still ends the worker
-        return
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # the parent died before the prctl
-        os._exit(1)
 
 
 def find_bad_samples(chunk: Chunk, *, task: str | Task, vocab_size: int, num_classes: int) -> dict[int, str]:
@@ -352,48 +296,6 @@ class _Window:
         return chunk, local, bad[local]
 
 
-class WorkerFailure:
-    """An exception raised in a DataLoader worker, yielded to the main process instead of raised.
-
-    Raised in the worker, torch would re-raise it in the main process as `type(exc)(message)` with the
-    message replaced by 18 lines of "Caught BadSampleError in DataLoader worker process 0 ... Original
-    Traceback ...", the shard and row only at the very end. Shipped as an item, the main process
-    raises the original exception (fields and message intact) with the worker's traceback as its
-    cause, which --train.debug shows."""
-
-    def __init__(self, exc: BaseException, traceback_text: str):
-        self.exc, self.traceback_text = exc, traceback_text
-
-    @classmethod
-    def of(cls, exc: BaseException) -> "WorkerFailure":
-        import pickle
-        import traceback
-
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        try:
-            pickle.loads(pickle.dumps(exc))  # an exception that does not survive pickling would be lost
-        except Exception:  # noqa: BLE001
-            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-        return cls(exc, text)
-
-    def reraise(self) -> None:
-        raise self.exc from WorkerTraceback(self.traceback_text)
-
-
-def _raise_worker_failures(batches: Iterator) -> Iterator[Batch]:
-    for batch in batches:
-        if isinstance(batch, WorkerFailure):
-            batch.reraise()
-        yield batch
-
-
-class WorkerTraceback(Exception):
-    """Where a DataLoader worker's exception was raised (its traceback, as text)."""
-
-    def __str__(self) -> str:
-        return "the DataLoader worker's traceback:\n" + self.args[0]
-
-
 class _Stream(IterableDataset):
     """This rank's batches from (epoch, consumed) on; each worker takes every W-th batch."""
 
@@ -509,12 +411,12 @@ class BatchLoader:
                                       prefetch_factor=self.prefetch_factor, persistent_workers=False,
                                       generator=torch.Generator().manual_seed(self.seed),
                                       worker_init_fn=worker_init))
-            _track_workers(batches)
+            track_workers(batches)
         else:  # in-process: the DataLoader would only add per-batch overhead
             batches = (b.pin_memory() if self.pin_memory else b for b in iter(stream))
         source = batches
         if workers:
-            batches = _raise_worker_failures(batches)
+            batches = raise_worker_failures(batches)
         if self.device is not None:
             batches = prefetch_to_device(batches, self.device)
         checked = None

@@ -1,0 +1,115 @@
+"""DataLoader worker processes: how they treat stop signals, how their exceptions reach the training
+process, and that none outlives it.
+
+- `worker_init` (the DataLoader's worker_init_fn): workers ignore SIGTERM, SIGINT and SIGUSR1, which
+  srun, scancel, torchrun's shutdown, `kill -TERM -<pgid>` and Ctrl-C send to every process of the
+  job, so the trainer alone decides to stop (commit a checkpoint at the step boundary); they die
+  with the trainer instead (PR_SET_PDEATHSIG), and leftovers are SIGKILLed at exit.
+- `WorkerFailure`: an exception in a worker travels to the main process whole, instead of being
+  rebuilt there from torch's 18-line "Caught X in DataLoader worker process 0" text.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import threading
+import weakref
+from typing import Iterator
+
+
+def worker_init(worker_id: int) -> None:
+    """Leave stop signals to the training process. srun, scancel, torchrun's shutdown and
+    `kill -TERM -<pgid>` signal every process of the job: a worker that died of it would fail the
+    step in progress ("DataLoader worker ... killed by signal") before the trainer could commit the
+    preemption checkpoint, and Ctrl-C would print a KeyboardInterrupt from each worker. A worker
+    ignores them and dies with its parent instead (PR_SET_PDEATHSIG), so none outlives a killed trainer."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+
+
+_started_workers: weakref.WeakSet = weakref.WeakSet()
+
+
+def track_workers(batches) -> None:
+    """Remember this DataLoader iterator's worker processes, so that `_kill_leftover_workers` can end
+    them at exit. The one place that touches the private `_workers` (tests/test_hostile_data.py
+    checks it is there)."""
+    workers = getattr(batches, "_workers", None)
+    if workers is None:
+        raise RuntimeError("torch's DataLoader iterator has no `_workers` any more; update "
+                           "distlstm.data.workers.track_workers for this torch version")
+    _started_workers.update(workers)
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    """Workers ignore SIGTERM (see worker_init), and at interpreter exit torch's shutdown is a no-op
+    while multiprocessing's own terminates (SIGTERM) then joins every daemonic child without a
+    timeout: a worker whose iterator was still alive (an exception's traceback holding it) would
+    hang the exit forever. SIGKILL them first (registered after multiprocessing's handler, so it
+    runs before it)."""
+    leftover = [p for p in list(_started_workers) if p.is_alive()]
+    if leftover and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would report each of them as a worker that died ("killed by signal").
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for process in leftover:
+        process.kill()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import multiprocessing
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: DataLoader's own watchdog still ends the worker
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before the prctl
+        os._exit(1)
+
+
+class WorkerFailure:
+    """An exception raised in a DataLoader worker, yielded to the main process instead of raised.
+
+    Raised in the worker, torch would re-raise it in the main process as `type(exc)(message)` with the
+    message replaced by 18 lines of "Caught BadSampleError in DataLoader worker process 0 ... Original
+    Traceback ...", the shard and row only at the very end. Shipped as an item, the main process
+    raises the original exception (fields and message intact) with the worker's traceback as its
+    cause, which --train.debug shows."""
+
+    def __init__(self, exc: BaseException, traceback_text: str):
+        self.exc, self.traceback_text = exc, traceback_text
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "WorkerFailure":
+        import pickle
+        import traceback
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            pickle.loads(pickle.dumps(exc))  # an exception that does not survive pickling would be lost
+        except Exception:  # noqa: BLE001
+            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+        return cls(exc, text)
+
+    def reraise(self) -> None:
+        raise self.exc from WorkerTraceback(self.traceback_text)
+
+
+def raise_worker_failures(batches: Iterator) -> Iterator:
+    """`batches`, raising the exception a worker shipped instead of a batch."""
+    for batch in batches:
+        if isinstance(batch, WorkerFailure):
+            batch.reraise()
+        yield batch
+
+
+class WorkerTraceback(Exception):
+    """Where a DataLoader worker's exception was raised (its traceback, as text)."""
+
+    def __str__(self) -> str:
+        return "the DataLoader worker's traceback:\n" + self.args[0]
