@@ -39,9 +39,7 @@ def unlabelled(task: Task) -> Task:
     base = type(task)
 
     class Unlabelled(base):
-        # Which label column or tar member the reader fetches is keyed by the task name; "lm" names
-        # none, so labels are never read (the index's label column is also cleared in `run`).
-        name = "lm"
+        # No labels are read: `run` clears the index's label column (Parquet column and tar member).
         min_length = 1
 
         def check_labels(self, labels, offsets, num_classes):
@@ -50,8 +48,9 @@ def unlabelled(task: Task) -> Task:
         def batch_arrays(self, inputs, lengths, labels, *, pos, starts, mask):
             if base.per_step:
                 return inputs, lengths, np.full(mask.shape, IGNORE_INDEX, np.int64)
-            # The dtype the loader's dummy rows (bounded shapes) append to: NaN for regression.
-            return inputs, lengths, np.zeros(len(pos), np.float32 if base.no_target != base.no_target else np.int64)
+            # The dtype the loader's dummy rows (bounded shapes) append to: float (NaN) for regression.
+            dtype = np.float32 if isinstance(base.no_target, float) else np.int64
+            return inputs, lengths, np.full(len(pos), base.no_target, dtype)
 
     Unlabelled.__name__ = f"Unlabelled{base.__name__}"
     return Unlabelled()

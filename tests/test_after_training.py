@@ -181,17 +181,28 @@ def test_predict_one_row_per_sample_in_one_process_and_on_two_ranks(classify_run
         assert np.allclose(a["probabilities"][i], probs.numpy(), atol=1e-5) and a["prediction"][i] == int(probs.argmax())
 
 
-def test_predict_reads_data_without_labels(classify_run, tmp_path):
+@pytest.mark.parametrize("fmt", ["parquet", "tar"])
+def test_predict_reads_data_without_labels(classify_run, tmp_path, fmt):
+    """A Parquet file without a label column, or tar shards without label members: a classify
+    model still predicts every sample (training data would have them flagged 'missing label')."""
     import pyarrow as pa
     run_dir, cache = classify_run
     data = tmp_path / "unlabelled"
     data.mkdir()
     rows = [[1, 2, 25, 3, 4, 26, 5], [27, 6, 7, 28], [9] * 30]
-    pq.write_table(pa.table({"tokens": pa.array(rows, pa.list_(pa.int32()))}), data / "new.parquet")
-    cli("distlstm.predict", str(run_dir), "--data", str(data / "new.parquet"), "--out", str(tmp_path / "p"), cache=cache)
+    if fmt == "parquet":
+        pq.write_table(pa.table({"tokens": pa.array(rows, pa.list_(pa.int32()))}), data / "new.parquet")
+    else:
+        from webdataset import TarWriter
+        from distlstm.data.prep import _npy_bytes
+        with TarWriter(str(data / "new.tar")) as w:
+            for i, r in enumerate(rows):
+                w.write({"__key__": f"{i:04d}", "tokens.npy": _npy_bytes(np.asarray(r, np.int32))})
+    shard = f"new.{fmt}"
+    cli("distlstm.predict", str(run_dir), "--data", str(data / shard), "--out", str(tmp_path / "p"), cache=cache)
     table, _ = read_predictions(tmp_path / "p")
     got = table.sort_by("sample_id").to_pydict()
-    assert got["row"] == [0, 1, 2] and got["length"] == [7, 4, 30] and got["shard"] == ["new.parquet"] * 3
+    assert got["length"] == [7, 4, 30] and got["shard"] == [shard] * 3
     assert all(len(p) == 4 and abs(sum(p) - 1) < 1e-5 for p in got["probabilities"])
 
 

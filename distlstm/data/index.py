@@ -113,7 +113,7 @@ class DatasetIndex:
         from distlstm.data.tar import read_tar_chunk
         lo, hi = int(self.chunk_offsets[c]), int(self.chunk_offsets[c + 1])
         return read_tar_chunk(shard, storage_options=self.storage_options, retries=self.retries, task=task,
-                              expected_lengths=self.lengths[lo:hi])
+                              labels=self.label_column is not None, expected_lengths=self.lengths[lo:hi])
 
 
 def _cache_key(url: str, column: str, info: dict) -> str:

@@ -240,12 +240,12 @@ def _label_suffix(samples: list[dict], task: str | None, shard: str) -> str | No
 
 
 def read_tar_chunk(url: str, *, storage_options: dict | None = None, retries: int = 3, task: str | None = None,
-                   expected_lengths: np.ndarray | None = None, on_bad: str = "mark",
+                   labels: bool = True, expected_lengths: np.ndarray | None = None, on_bad: str = "mark",
                    max_member_bytes: int = MAX_MEMBER_BYTES) -> Chunk:
     """Decode a whole tar shard into one `Chunk`.
 
     `task` (classify/regress/tag/lm) says which label member to expect; None infers it from the
-    shard. Sample-level problems (missing label or sequence, undecodable .npy, NaN features) go to
+    shard; `labels=False` reads none (data to predict on). Sample-level problems (missing label or sequence, undecodable .npy, NaN features) go to
     ``chunk.bad`` (index -> problem) with placeholder data, or raise with ``on_bad="raise"``.
     Shard-level problems (corrupt/truncated tar, sample count or lengths differing from
     `expected_lengths`) always raise `BadSampleError`. Network errors raise OSError (after retries).
@@ -256,7 +256,7 @@ def read_tar_chunk(url: str, *, storage_options: dict | None = None, retries: in
     # One sequential pass, one request: the owner of a tar shard streams it once per epoch.
     with open_stream(url, storage_options=storage_options, retries=retries) as handle:
         samples = list(_samples(handle, shard, max_member_bytes=max_member_bytes))
-    suffix = _label_suffix(samples, task, shard)
+    suffix = _label_suffix(samples, task, shard) if labels else None
     sequences, labels, keys, bad = [], [], [], {}
     seq_kind = next((k for s in samples if (k := _sequence_kind(s)) in SEQUENCE_SUFFIXES), "tokens.npy")
     width, target_shape = None, None
