@@ -32,8 +32,10 @@ from distlstm.data.loader import BatchLoader, build_loader, plan_params, streams
 from distlstm.data.plan import EpochPlan
 from distlstm.data.sources import redact
 from distlstm.graphs import use_training_stream
+from distlstm.data.stream_loader import build_stream_loader
 from distlstm.models.lstm import SequenceModel, build_model, num_parameters
 from distlstm.parallel import AmpPolicy, all_reduce_host, apply_ddp, ddp_options
+from distlstm.stateful import check_config, uses_stream
 from distlstm.tasks import Task, get_task
 from distlstm.world import World
 
@@ -70,6 +72,7 @@ def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Ca
     config is) or data.valid must carry the sizes in its manifest."""
     train_index, valid_index = index_data(cfg, world, group, log, train=training)
     cfg = resolve_config(cfg, train_index if training else valid_index, valid_index=valid_index, log=log)
+    check_config(cfg)
     _seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(device)
     log(f"model: {cfg.model.task}, {num_parameters(model):,} parameters")
@@ -87,7 +90,7 @@ def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Ca
     if training:
         from distlstm.trainer import build_optimizer
         optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps(cfg, train_index, world), device)
-    train_loader, valid_loader = build_loaders(cfg, world, device, group, run_dir, train_index, valid_index)
+    train_loader, valid_loader = build_loaders(cfg, world, device, group, run_dir, train_index, valid_index, log=log)
     if train_loader is not None:
         log(f"data: plan: {train_loader.describe()}")
     return Run(cfg=cfg, world=world, device=device, group=group, model=model, ddp_model=ddp_model, amp=amp,
@@ -96,14 +99,23 @@ def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Ca
 
 
 def build_loaders(cfg: Config, world: World, device: torch.device, group, run_dir: Path | None,
-                  train_index: DatasetIndex | None, valid_index: DatasetIndex | None):
+                  train_index: DatasetIndex | None, valid_index: DatasetIndex | None, log=print):
     """This rank's training loader (shuffled, workers, the plan-hash check across ranks) and
-    validation loader (in order, in-process, one pass)."""
+    validation loader (in order, in-process, one pass). lm stream mode: stream loaders over the
+    contiguous token stream instead (distlstm/data/stream_loader.py)."""
     def agree(value: int) -> bool:
         lo, hi = all_reduce_host([float(-value), float(value)], group, op=dist.ReduceOp.MAX)
         return -lo == hi == value
 
     m = cfg.model
+    if uses_stream(cfg):
+        kw = dict(dp_rank=world.rank, dp_world_size=world.world_size, vocab_size=m.vocab_size,
+                  pin_memory=device.type == "cuda", log=log)
+        train = build_stream_loader(train_index, cfg.data, agree=agree if world.is_distributed else None,
+                                    max_epochs=cfg.train.max_epochs, **kw) if train_index is not None else None
+        valid = build_stream_loader(valid_index, cfg.data, max_epochs=1, num_workers=0, split="valid",
+                                    **kw) if valid_index is not None else None
+        return train, valid
     # On a GPU the batches arrive on it, copied one step ahead (distlstm/data/prefetch.py).
     kw = dict(task=m.task, dp_rank=world.rank, dp_world_size=world.world_size, vocab_size=m.vocab_size,
               num_classes=m.num_classes, pin_memory=device.type == "cuda", run_dir=run_dir,
@@ -206,7 +218,12 @@ def total_steps(cfg: Config, index: DatasetIndex, world: World) -> int:
     """Optimizer steps the run will take (what the cosine schedule spans): train.max_steps, or, for
     an epoch-limited run, the steps the data plan gives each rank over train.max_epochs."""
     epoch_steps = 0
-    if cfg.train.max_epochs:
+    if cfg.train.max_epochs and uses_stream(cfg):
+        loader = build_stream_loader(index, cfg.data, dp_rank=0, dp_world_size=world.world_size, vocab_size=0,
+                                     pin_memory=False)
+        for epoch in range(cfg.train.max_epochs):
+            epoch_steps += -(-loader.steps_per_epoch(epoch) // cfg.train.accum_steps)
+    elif cfg.train.max_epochs:
         params = plan_params(cfg.data, streams=streams_for(cfg.data, index, dp_world_size=world.world_size))
         for epoch in range(cfg.train.max_epochs):
             plan = EpochPlan(index.chunk_offsets, index.lengths, params, seed=cfg.data.seed, epoch=epoch)

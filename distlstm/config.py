@@ -87,8 +87,10 @@ class DataConfig:
     min_batch_size: int = opt(8, "batch-size floor for long buckets (an LSTM starves on tiny batches)")
     max_batch_size: int = opt(0, "batch-size cap; 0 = none")
     max_length: int = opt(1024, "longest sequence fed to the model; see data.too_long")
-    too_long: str = opt("truncate", "what to do with a sample longer than data.max_length",
-                        ("truncate", "drop", "error"))
+    too_long: str = opt("truncate", "what to do with a sample longer than data.max_length; chunk (tag, lm "
+                                    "windows): train it whole as consecutive max_length pieces, the LSTM state "
+                                    "carried from one to the next (truncated BPTT inside the sample)",
+                        ("truncate", "drop", "error", "chunk"))
     window_chunks: int = opt(16, "chunks (row groups or tar shards) shuffled and bucketed together; "
                                  "memory per worker grows with it")
     streams: IntOrAuto = opt(AUTO, "plan streams: chunks are dealt to streams and each global batch comes "
@@ -113,13 +115,23 @@ class DataConfig:
                                         "the samples seen were skipped as bad (checked as it goes and at the end)")
     verify: str = opt("size", "check shards against the dataset manifest when indexing: size (one stat per "
                               "shard), sha256 (reads every shard once), none", ("size", "sha256", "none"))
+    lm_mode: str = opt("stream", "model.task=lm: stream = the data is one token stream in B contiguous rows per "
+                                 "rank, fed in data.bptt-token chunks with the LSTM state carried across steps "
+                                 "(reset at document starts); windows = every row is an independent sample, "
+                                 "batched like the other tasks", ("stream", "windows"))
+    bptt: int = opt(35, "lm stream mode: tokens per row in each chunk (truncated BPTT length)")
+    batch_size: int = opt(20, "lm stream mode: contiguous rows per rank (the batch size of every chunk); "
+                              "other modes size batches by data.max_tokens")
+    bptt_jitter: bool = opt(False, "lm stream mode: AWD-LSTM variable chunk length (data.bptt, or half of it "
+                                   "1 time in 20, plus N(0, 5) noise, at least 5)")
 
     def __post_init__(self) -> None:
         _check_choices("data", self)
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
         _positive("data", self, "max_tokens", "min_batch_size", "max_length", "window_chunks", "prefetch_factor",
-                  "streams", "retries", "synthetic_samples", "whole_shard_max_mb")
+                  "streams", "retries", "synthetic_samples", "whole_shard_max_mb",
+                  "bptt", "batch_size")
         _positive("data", self, "max_batch_size", "num_workers", "shape_buckets", allow_zero=True)
         if self.max_batch_size and self.max_batch_size < self.min_batch_size:
             raise ConfigError(f"data.max_batch_size={self.max_batch_size} is below "

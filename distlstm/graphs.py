@@ -71,6 +71,11 @@ def graphs_decision(cfg, device: torch.device) -> tuple[bool, str]:
     if t.debug:
         return refuse("does not work with train.debug (anomaly detection syncs with the host)",
                       "drop --train.debug")
+    from distlstm.stateful import uses_stream
+    if uses_stream(cfg) or cfg.data.too_long == "chunk":
+        # Not yet: the captured step would need the carried (h, c) and the reset columns as static buffers.
+        return refuse("does not carry the LSTM state from one step or piece to the next (data.lm_mode=stream, "
+                      "data.too_long=chunk)", "set --data.lm_mode windows and --data.too_long truncate")
     if cfg.data.shape_buckets == 0:
         if mode == "auto":
             return False, "data.shape_buckets=0 (every batch may be a new shape)"

@@ -48,6 +48,8 @@ class Task:
     """The output layer scores the vocabulary (lm), so it may share the embedding's weight."""
     no_target: ClassVar[float] = IGNORE_INDEX
     """Target of a row that carries no loss (a bounded-shape dummy row, docs/design.md)."""
+    streams: ClassVar[bool] = False
+    """Can train on one contiguous token stream, the LSTM state carried across chunks (data.lm_mode)."""
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})"
@@ -274,6 +276,7 @@ class LanguageModel(_PerStep):
     min_length = 2
     metric = "perplexity"
     predicts_tokens = True
+    streams = True
 
     def output_size(self, *, vocab_size, num_classes, num_targets):
         return vocab_size

@@ -20,6 +20,7 @@ from distlstm.errors import RunError
 from distlstm.models.lstm import flops_per_token
 from distlstm.optim import PlateauSchedule, make_optimizer
 from distlstm.parallel import AmpPolicy, all_reduce_host, no_sync, unwrap
+from distlstm.stateful import RankState, StateCarrier
 from distlstm.tasks import Task
 from distlstm.world import World
 
@@ -113,6 +114,7 @@ class Trainer:
         """A distlstm.graphs.StepGraphs when train.cuda_graphs is on: it runs the steps it can replay."""
         from distlstm.best import Watch
         self.watch = Watch(cfg, self.task, has_valid=valid_loader is not None)
+        self.carry = StateCarrier.for_loader(train_loader, device)
 
     # ------------------------------------------------------------------ the step
     def train_step(self, micro_batches: list[Batch]) -> None:
@@ -136,13 +138,16 @@ class Trainer:
         scale = self.world.world_size / max(global_items, 1.0)
         for i, host_batch in enumerate(micro_batches):
             batch = host_batch.to(self.device, non_blocking=True)
-            with no_sync(model, skip=i < len(micro_batches) - 1):
-                with amp.autocast():
-                    outputs = model(batch.inputs, batch.lengths, lengths_cpu=host_batch.cpu_lengths)
-                loss_sum, _, _ = self.task.loss_and_metrics(outputs, batch.targets, batch.lengths)
-                loss = loss_sum * (scale * batch.weight)
-                (amp.scaler.scale(loss) if amp.scaler else loss).backward()
-            self.loss_sum += loss_sum.detach().double() * batch.weight
+            # One piece per batch, except with data.too_long=chunk (distlstm/stateful.py); the state a
+            # piece leaves is carried into the next piece, and in lm stream mode into the next step.
+            for piece in self.carry.pieces(batch, host_batch):
+                with no_sync(model, skip=i < len(micro_batches) - 1 or not piece.last):
+                    with amp.autocast():
+                        outputs = self.carry.forward(model, piece)
+                    loss_sum, _, _ = self.task.loss_and_metrics(outputs, piece.targets, piece.lengths)
+                    loss = loss_sum * (scale * batch.weight)
+                    (amp.scaler.scale(loss) if amp.scaler else loss).backward()
+                self.loss_sum += loss_sum.detach().double() * batch.weight
         self.item_sum += local_items
 
     def _optimizer_step(self) -> None:
@@ -389,7 +394,9 @@ class Trainer:
         extra = {"train": self.state, "scheduler": self.scheduler, "loader": self.train_loader}
         if self.amp.scaler is not None:
             extra["scaler"] = self.amp.scaler
-        return {"model": self.model, "optim": self.optimizer, "extra": extra, "rank_state": RngState()}
+        # The carried LSTM state (lm stream mode) is per rank, like the RNG: restored only on the same world size.
+        rank_state = RankState(rng=RngState(), carry=self.carry) if self.carry.stream else RngState()
+        return {"model": self.model, "optim": self.optimizer, "extra": extra, "rank_state": rank_state}
 
     def save(self) -> None:
         if self.checkpoints is None or getattr(self, "_saved_step", None) == self.state.step:
@@ -439,16 +446,19 @@ def evaluate_model(model: nn.Module, loader, *, amp: AmpPolicy, device: torch.de
     model.eval()
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, items, the task's summed metric
     batches = 0
+    # lm stream mode: the state is carried over the whole validation stream, from zero at its start.
+    carry = StateCarrier.for_loader(loader, device)
     for batch in loader:
         if max_batches and batches >= max_batches:
             break
         batches += 1
         batch_dev = batch.to(device, non_blocking=True)
-        with amp.autocast():
-            out = model(batch_dev.inputs, batch_dev.lengths, lengths_cpu=batch.cpu_lengths)
-        loss, count, metrics = task.loss_and_metrics(out, batch_dev.targets, batch_dev.lengths)
-        metric = metrics[task.metric_sum] if task.metric_sum else torch.zeros((), device=device)
-        sums += torch.stack([loss.double(), count.double(), metric.double()]) * batch.weight
+        for piece in carry.pieces(batch_dev, batch):
+            with amp.autocast():
+                out = carry.forward(model, piece)
+            loss, count, metrics = task.loss_and_metrics(out, piece.targets, piece.lengths)
+            metric = metrics[task.metric_sum] if task.metric_sum else torch.zeros((), device=device)
+            sums += torch.stack([loss.double(), count.double(), metric.double()]) * batch.weight
     loader.rewind()
     model.train(was_training)
     loss_v, count_v, metric_v = all_reduce_host(sums.tolist(), group)

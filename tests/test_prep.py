@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +60,7 @@ def test_char_lm_text_round_trip(tmp_path):
     (tmp_path / "t.txt").write_text(text)
     out = tmp_path / "o"
     manifests = _run("--text", str(tmp_path / "t.txt"), "--seq-len", "50", "--valid-fraction", "0",
-                     "--rows-per-group", "16", "--out", str(out))
+                     "--rows-per-group", "16", "--lm-layout", "windows", "--out", str(out))
     assert set(manifests) == {"train"} and not (out / "valid").exists()
     m = _check_manifest(out / "train")
     vocab = json.loads((out / "vocab.json").read_text())
@@ -71,6 +73,58 @@ def test_char_lm_text_round_trip(tmp_path):
     # Consecutive samples share one token (the last target is the next input): undo that.
     ids = chunks[0] + [t for c in chunks[1:] for t in c[1:]]
     assert "".join(vocab["tokens"][i] for i in ids) == text
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "tar"])
+def test_lm_stream_layout_keeps_every_token_once_and_marks_document_starts(tmp_path, fmt):
+    """Stream layout: rows are consecutive, non-overlapping pieces of each document; `doc_start` is
+    set exactly on each document's first row (in each split), so the rows concatenated give back the
+    text, and the tail split's valid part starts a document of its own."""
+    docs = ["first document, long enough for several rows\n" * 3, "second\n", "third one here\n" * 2]
+    (tmp_path / "t.txt").write_text("\n".join(docs))
+    out = tmp_path / "o"
+    manifests = _run("--text", str(tmp_path / "t.txt"), "--doc-per", "blank-line", "--seq-len", "16",
+                     "--split", "tail", "--valid-fraction", "0.2", "--format", fmt, "--out", str(out))
+    vocab = json.loads((out / "vocab.json").read_text())["tokens"]
+    texts = {}
+    for split in ("train", "valid"):
+        m = _check_manifest(out / split)
+        assert m["lm_layout"] == "stream" and manifests[split]["lm_layout"] == "stream"
+        if fmt == "parquet":
+            rows, flags = _rows(out / split, "tokens"), _rows(out / split, "doc_start")
+        else:
+            rows, flags = [], []
+            for shard in m["shards"]:
+                side = json.loads((out / split / (shard["path"] + ".idx.json")).read_text())
+                flags += [bool(f) for f in side["doc_start"]]
+                with tarfile.open(out / split / shard["path"]) as tf:
+                    for member in tf.getmembers():
+                        rows.append(np.load(io.BytesIO(tf.extractfile(member).read())).tolist())
+        assert all(1 <= len(r) <= 16 for r in rows)
+        # Rebuild the documents from the flags: a new one at each doc_start.
+        pieces: list[str] = []
+        for r, f in zip(rows, flags):
+            text = "".join(vocab[i] for i in r)
+            pieces.append(text) if f else pieces.__setitem__(-1, pieces[-1] + text)
+        texts[split] = pieces
+    whole = [d + ("\n" if i < len(docs) - 1 else "") for i, d in enumerate(docs)]
+    assert len(texts["train"]) == len(texts["valid"]) == 3
+    assert [t + v for t, v in zip(texts["train"], texts["valid"])] == whole
+
+
+def test_lm_stream_random_split_restarts_documents_in_each_split(tmp_path):
+    (tmp_path / "t.txt").write_text("abcdefghij" * 40)
+    out = tmp_path / "o"
+    _run("--text", str(tmp_path / "t.txt"), "--seq-len", "4", "--valid-fraction", "0.25", "--out", str(out))
+    for split in ("train", "valid"):
+        flags = _rows(out / split, "doc_start")
+        # Each split is one stream: a row continues the previous one only when that is the previous
+        # piece of the document, so every row after a gap (a piece in the other split) starts anew.
+        assert flags[0] and 1 < sum(flags) < len(flags)
+    total = sum(len(r) for split in ("train", "valid") for r in _rows(out / split, "tokens"))
+    assert total == 400
+    with pytest.raises(SystemExit, match="--stride 2 applies to --lm-layout windows"):
+        _run("--text", str(tmp_path / "t.txt"), "--seq-len", "4", "--stride", "2", "--out", str(tmp_path / "x"))
 
 
 def test_valid_split_is_exact_deterministic_and_disjoint(tmp_path):
@@ -179,7 +233,8 @@ def test_cli_help_and_tinyshakespeare(tmp_path):
         pytest.skip(f"{SHAKESPEARE} not present")
     text = SHAKESPEARE.read_text(encoding="utf-8")
     cmd = [sys.executable, "-m", "distlstm.prep", "--text", str(SHAKESPEARE), "--seq-len", "256", "--split",
-           "tail", "--valid-fraction", "0.1", "--out", str(tmp_path / "shakespeare"), "--quiet"]
+           "tail", "--valid-fraction", "0.1", "--lm-layout", "windows", "--out", str(tmp_path / "shakespeare"),
+           "--quiet"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     train, valid = (_check_manifest(tmp_path / "shakespeare" / split) for split in ("train", "valid"))

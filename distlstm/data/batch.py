@@ -60,9 +60,13 @@ class Batch:
     otherwise), counted by the loader worker; -1 = count on demand (trainer.item_count)."""
     lengths_host: torch.Tensor | None = None
     """`lengths` still on the host once `to()` moved the batch to a device (packing needs them)."""
+    reset: torch.Tensor | None = None
+    """lm stream mode: `(B, T)` bool, True where the LSTM state of that row must be zeroed before
+    that column (a document, or a discontinuous stretch of the stream, starts there); None otherwise."""
 
     def _replace(self, fn) -> "Batch":
-        return dataclasses.replace(self, inputs=fn(self.inputs), lengths=fn(self.lengths), targets=fn(self.targets))
+        return dataclasses.replace(self, inputs=fn(self.inputs), lengths=fn(self.lengths), targets=fn(self.targets),
+                                   reset=None if self.reset is None else fn(self.reset))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         moved = self._replace(lambda t: t.to(device, non_blocking=non_blocking))
@@ -83,7 +87,8 @@ class Batch:
         if isinstance(self.inputs, torch.Tensor):
             return self
         return dataclasses.replace(self, inputs=torch.from_numpy(self.inputs), lengths=torch.from_numpy(self.lengths),
-                                   targets=torch.from_numpy(self.targets), sample_ids=torch.from_numpy(self.sample_ids))
+                                   targets=torch.from_numpy(self.targets), sample_ids=torch.from_numpy(self.sample_ids),
+                                   reset=None if self.reset is None else torch.from_numpy(self.reset))
 
     def pin_memory(self) -> "Batch":
         return self.as_tensors()._replace(lambda t: t.pin_memory())

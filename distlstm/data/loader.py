@@ -105,6 +105,8 @@ class _Assembler:
         self._wins: OrderedDict[tuple, _Window] = OrderedDict()
         self.max_windows = 1
         self.fetcher = WindowFetcher(self._decode) if index.is_remote else None
+        self.keep_whole = False
+        """data.too_long=chunk: samples longer than max_length stay whole (the trainer cuts them into pieces)."""
 
     def chunk(self, c: int) -> tuple[Chunk, dict[int, str]]:
         """Decode chunk `c` and find its bad samples (once per window: the window keeps the data)."""
@@ -153,8 +155,11 @@ class _Assembler:
             return self._wins[key]
         while len(self._wins) >= self.max_windows:
             self._wins.popitem(last=False)  # free before decoding the next
-        win = _Window(key, self._decode_all(key), self.index.chunk_offsets,
-                      per_step=self.task.per_step, max_length=self.max_length)
+        decoded = self._decode_all(key)
+        width = self.max_length
+        if self.keep_whole:
+            width = max([width] + [int(np.diff(ch.offsets).max()) for _, ch, _ in decoded if len(ch)])
+        win = _Window(key, decoded, self.index.chunk_offsets, per_step=self.task.per_step, max_length=width)
         self._wins[key] = win
         return win
 
@@ -184,7 +189,7 @@ class _Assembler:
             if shape is None:
                 return self._empty(epoch=epoch, consumed=consumed, skipped=skipped)
             weight = 0.0
-        lens = np.minimum(win.lens[pos], self.max_length)
+        lens = win.lens[pos] if self.keep_whole else np.minimum(win.lens[pos], self.max_length)
         T = int(lens.max()) if shape is None else max(shape[1], self.task.min_length)
         mask = np.arange(T) < lens[:, None]
         # One row copy per sample from the window's sliding view (no per-token index array); rows
@@ -373,6 +378,7 @@ class BatchLoader:
         self.assembler = _Assembler(index, task=task, max_length=params.max_length, vocab_size=vocab_size,
                                     num_classes=num_classes, on_bad_sample=on_bad_sample, quarantine=quarantine,
                                     input_size=input_size)
+        self.assembler.keep_whole = params.too_long == "chunk"
         self.epoch, self.consumed = 0, 0
         self._resumed_streams: tuple[int, int] | None = None  # (epoch, streams) recorded in a loaded state
         if params.too_long == "error":

@@ -71,8 +71,8 @@ class PlanParams:
     """0: pad each batch to its longest sample; N: at most N distinct batch shapes (module docstring)."""
 
     def __post_init__(self) -> None:
-        if self.too_long not in ("truncate", "drop", "error"):
-            raise ValueError(f"too_long={self.too_long!r}; choose truncate, drop or error")
+        if self.too_long not in ("truncate", "drop", "error", "chunk"):
+            raise ValueError(f"too_long={self.too_long!r}; choose truncate, drop, error or chunk")
         if min(self.max_tokens, self.min_batch_size, self.max_length, self.window_chunks, self.streams) < 1:
             raise ValueError(f"plan parameters must be positive: {self}")
         if self.shape_buckets < 0:
@@ -245,6 +245,8 @@ class EpochPlan:
             ids, lens = ids[perm], lens[perm]
         # Lengths fit 16 bits for any sane max_length, and numpy radix-sorts 16-bit keys.
         key = lens.astype(np.uint16) if self.params.max_length < 1 << 16 else lens
+        if self.params.too_long == "chunk":  # longer samples stay whole: batch them by their true length
+            key = self._lengths[ids].astype(np.int64)
         order = np.argsort(key, kind="stable")
         ids, buckets = ids[order], self._bucket_of[lens[order]]
         classes = None

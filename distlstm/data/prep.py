@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from distlstm.data.manifest import Manifest, ShardInfo
+from distlstm.data.stream import DOC_START_COLUMN
 from distlstm.tasks import TASKS, get_task
 
 
@@ -79,10 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "the text maps to it (default: char)")
     task.add_argument("--min-count", type=int, default=1, help="tokens seen fewer times map to <unk> (default: 1)")
     task.add_argument("--max-vocab", type=int, default=0, help="keep only the most frequent N tokens; 0 = all")
-    task.add_argument("--seq-len", type=int, default=256, help="lm: tokens per training sequence; each sample "
-                      "stores seq_len + 1 tokens (inputs and shifted targets) (default: 256)")
-    task.add_argument("--stride", type=int, default=0, help="lm: tokens between starts of consecutive samples, "
-                      "1..seq_len; < seq_len overlaps samples (default: seq_len, no overlap)")
+    task.add_argument("--lm-layout", choices=("stream", "windows"), default="stream",
+                      help="lm: stream = each document's tokens in consecutive rows of --seq-len tokens, "
+                      "no overlap, with a 'doc_start' flag on a document's first row (for data.lm_mode=stream; "
+                      "data.lm_mode=windows reads each row as one sample); windows = independent training "
+                      "windows of seq_len + 1 tokens, overlapping by one (data.lm_mode=windows only) "
+                      "(default: stream)")
+    task.add_argument("--seq-len", type=int, default=256, help="lm: tokens per row (stream layout) or per "
+                      "training window, each stored as seq_len + 1 tokens (windows layout) (default: 256)")
+    task.add_argument("--stride", type=int, default=0, help="lm windows layout: tokens between starts of "
+                      "consecutive samples, 1..seq_len; < seq_len overlaps samples (default: seq_len)")
     task.add_argument("--max-len", type=int, default=0, help="classify/regress/tag: truncate longer sequences "
                       "to this many steps; 0 = keep whole (default: 0)")
     out = p.add_argument_group("output")
@@ -134,6 +141,8 @@ def _check_args(a: argparse.Namespace) -> None:
             _fail(f"--task {a.task} needs --label-field")
         if a.task == "lm" and a.features_field:
             _fail("--task lm needs token ids (--tokens-field), not --features-field")
+    if a.stride and a.task == "lm" and a.lm_layout == "stream" and a.stride != a.seq_len:
+        _fail(f"--stride {a.stride} applies to --lm-layout windows; the stream layout never overlaps rows")
     a.stride = a.stride or a.seq_len
     if a.seq_len < 1 or not 1 <= a.stride <= a.seq_len:
         _fail(f"--seq-len {a.seq_len} / --stride {a.stride}: need seq_len >= 1 and 1 <= stride <= seq_len")
@@ -407,6 +416,7 @@ class ShardWriter:
         self.file = self.writer = None
         self.keys: list[str] = []
         self.lengths: list[int] = []
+        self.doc_start: list[bool] = []
         self.count = 0
         os.makedirs(directory, exist_ok=True)
 
@@ -414,7 +424,7 @@ class ShardWriter:
         name = f"{self.split}-{len(self.shards):05d}.{self.fmt}"
         self.name, self.path = name, os.path.join(self.directory, name)
         self.file = open(self.path, "wb")
-        self.keys, self.lengths = [], []
+        self.keys, self.lengths, self.doc_start = [], [], []
         if self.fmt == "tar":
             from webdataset import TarWriter
 
@@ -427,6 +437,8 @@ class ShardWriter:
         self.count += 1
         self.keys.append(key)
         self.lengths.append(len(seq))
+        if self.task == "lm" and label is not None:
+            self.doc_start.append(bool(label))
         if self.fmt == "tar":
             sample = {"__key__": key, ("features.npy" if self.features else "tokens.npy"): _npy_bytes(seq)}
             if self.task == "classify":
@@ -465,6 +477,8 @@ class ShardWriter:
         elif self.task == "tag":
             tags = pa.array(np.concatenate(labels).astype(np.int32))
             columns["tags"] = pa.ListArray.from_arrays(pa.array(offsets), tags)
+        elif self.task == "lm" and labels[0] is not None:
+            columns[DOC_START_COLUMN] = pa.array(np.asarray(labels, bool))
         table = pa.table(columns)
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.file, table.schema)
@@ -481,7 +495,8 @@ class ShardWriter:
         if self.fmt == "tar":
             from distlstm.data.tar import write_sidecar
 
-            write_sidecar(self.path, self.keys, self.lengths, size)
+            write_sidecar(self.path, self.keys, self.lengths, size,
+                          extra={DOC_START_COLUMN: [int(f) for f in self.doc_start]} if self.doc_start else None)
         self.shards.append({"path": self.name, "num_samples": len(self.keys), "num_tokens": int(sum(self.lengths)),
                             "bytes": size, "sha256": _sha256(self.path)})
         self.file = self.writer = None
@@ -504,7 +519,7 @@ def _write_manifest(directory: str, a, s: Survey, shards: list[dict]) -> Manifes
         num_classes=num_classes, input_size=s.input_size if features else None,
         num_samples=sum(x["num_samples"] for x in shards), num_tokens=sum(x["num_tokens"] for x in shards),
         vocab="../vocab.json" if s.itos else None, labels="../labels.json" if s.label_ids else None,
-        shards=[ShardInfo(**x) for x in shards])
+        shards=[ShardInfo(**x) for x in shards], extra={"lm_layout": a.lm_layout} if a.task == "lm" else {})
     manifest.write(directory)  # the manifest appears last: a commit marker
     return manifest
 
@@ -529,6 +544,7 @@ def _prepare_out(a) -> None:
 def _samples(a, s: Survey) -> Iterator[tuple[str, np.ndarray, Any, bool | None]]:
     """(where, sequence, label, forced split or None) in input order."""
     stoi = {t: i for i, t in enumerate(s.itos)} if s.itos else {}
+    document = 0
     if a.input_kind == "text":
         docs = _text_documents(a.files, a.doc_per)
         def encode(lines: list[str]) -> np.ndarray:
@@ -552,8 +568,14 @@ def _samples(a, s: Survey) -> Iterator[tuple[str, np.ndarray, Any, bool | None]]
             continue
         cut = len(array) - int(round(len(array) * a.valid_fraction)) if a.split == "tail" else len(array)
         for part, forced in ((array[:cut], False if a.split == "tail" else None), (array[cut:], True)):
-            for chunk in _lm_chunks(part, a.seq_len, a.stride):
-                yield where, chunk, None, forced
+            if a.lm_layout == "windows":
+                for chunk in _lm_chunks(part, a.seq_len, a.stride):
+                    yield where, chunk, None, forced
+                continue
+            # Stream layout: the label is (document part, piece number); run() turns it into doc_start.
+            document += 1
+            for piece, start in enumerate(range(0, len(part), a.seq_len)):
+                yield where, part[start:start + a.seq_len], (document, piece), forced
 
 
 def _merge_continued(records):
@@ -585,6 +607,7 @@ def run(a) -> dict[str, dict]:
                                  int(a.shard_size_mb * 1e6), a.rows_per_group) for name in splits}
     splitter = Splitter(a.valid_fraction, a.seed, a.split_block)
     skipped, index = [], 0
+    last_piece: dict[str, tuple] = {}  # stream layout: the (document, piece) each split wrote last
     bar = tqdm(total=s.records, desc="pass 2/2", unit="rec" if a.input_kind != "text" else "doc", disable=a.quiet)
     last_where = None
     for where, seq, label, forced in _samples(a, s):
@@ -599,7 +622,14 @@ def run(a) -> dict[str, dict]:
             continue
         valid = forced if forced is not None else splitter.is_valid(index)
         index += forced is None
-        writers["valid" if valid and "valid" in writers else "train"].add(seq, label)
+        split = "valid" if valid and "valid" in writers else "train"
+        if a.task == "lm" and label is not None:
+            # A row continues a document only if this split's previous row is its previous piece
+            # (a random split may have sent that one to the other split).
+            document, piece = label
+            label = last_piece.get(split) != (document, piece - 1)
+            last_piece[split] = (document, piece)
+        writers[split].add(seq, label)
     bar.close()
     manifests = {name: _write_manifest(w.directory, a, s, w.close()).to_dict() for name, w in writers.items()}
     if skipped:

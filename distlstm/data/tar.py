@@ -366,8 +366,9 @@ def _scan_lengths(url: str, *, storage_options: dict | None, retries: int) -> np
     return np.asarray(lengths, dtype=np.int64)
 
 
-def write_sidecar(shard_path: str, keys: list[str], lengths, shard_bytes: int) -> None:
-    """Write ``<shard>.idx.json`` next to a local shard (used by prep)."""
+def write_sidecar(shard_path: str, keys: list[str], lengths, shard_bytes: int, extra: dict | None = None) -> None:
+    """Write ``<shard>.idx.json`` next to a local shard (used by prep); `extra`: more per-sample lists
+    (lm stream layout: ``doc_start``)."""
     with open(sidecar_url(shard_path), "w", encoding="utf-8") as f:
         json.dump({"version": 1, "keys": list(keys), "lengths": [int(n) for n in lengths],
-                   "bytes": int(shard_bytes)}, f, separators=(",", ":"))
+                   "bytes": int(shard_bytes), **(extra or {})}, f, separators=(",", ":"))

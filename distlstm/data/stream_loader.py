@@ -1,0 +1,328 @@
+"""The loader of lm stream mode (`data.lm_mode = stream`): this rank's rows of the stream layout
+(distlstm/data/stream.py), one `bptt`-target chunk per batch, with the resume state of that module.
+
+A batch holds, for each of this rank's B rows, the next chunk's inputs and targets, and `reset`: the
+columns before which the LSTM state of that row must be zeroed (a document or a discontinuous
+stretch of the stream starts there). The trainer carries the state from one batch to the next
+(distlstm/stateful.py).
+
+Reading: each row moves through the data sequentially, so a process keeps the few decoded chunks
+(Parquet row groups, tar shards) its rows are in, about 2 per row. Workers: worker `w` of `W` builds
+the batches `k` with `k % W == w`, as in the windows loader; each worker reads what its batches need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from distlstm.data.batch import Batch
+from distlstm.data.errors import BadSampleError
+from distlstm.data.index import DatasetIndex
+from distlstm.data.stream import DOC_START_COLUMN, StreamLayout, StreamParams
+from distlstm.tasks import IGNORE_INDEX
+
+STATE_VERSION = 1
+
+
+class TokenStore:
+    """Tokens and document starts at stream positions, decoded chunk by chunk, a few chunks cached."""
+
+    def __init__(self, index: DatasetIndex, *, vocab_size: int = 0, max_chunks: int = 8):
+        self.index, self.vocab_size, self.max_chunks = index, vocab_size, max_chunks
+        lengths = index.lengths.astype(np.int64)
+        self.sample_start = np.concatenate([[0], np.cumsum(lengths)])   # stream position of each row
+        self.chunk_start = self.sample_start[index.chunk_offsets]          # ... of each chunk's first row
+        self.num_tokens = int(self.sample_start[-1])
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._has_flag: dict[int, bool] = {}
+
+    def read(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, starts-a-document) at stream positions `pos` (any shape, all < num_tokens)."""
+        flat = pos.reshape(-1)
+        tokens = np.zeros(flat.shape, np.int64)
+        starts = np.zeros(flat.shape, bool)
+        chunk = np.searchsorted(self.chunk_start, flat, side="right") - 1
+        for c in np.unique(chunk).tolist():
+            at = chunk == c
+            values, doc_start = self._chunk(c)
+            local = flat[at] - self.chunk_start[c]
+            tokens[at] = values[local]
+            sample = np.searchsorted(self.sample_start, flat[at], side="right") - 1
+            starts[at] = (self.sample_start[sample] == flat[at]) & doc_start[sample - self.index.chunk_offsets[c]]
+        return tokens.reshape(pos.shape), starts.reshape(pos.shape)
+
+    def sample_at(self, pos: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.sample_start, pos, side="right") - 1
+
+    def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        if c in self._cache:
+            self._cache.move_to_end(c)
+            return self._cache[c]
+        while len(self._cache) >= self.max_chunks:
+            self._cache.popitem(last=False)
+        self._cache[c] = self._decode(c)
+        return self._cache[c]
+
+    def _decode(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token values, doc_start per row) of chunk `c`, checked."""
+        index = self.index
+        s = int(index.chunk_shard[c])
+        shard, rows = index.shards[s], int(index.chunk_offsets[c + 1] - index.chunk_offsets[c])
+        if index.formats[s] == "parquet":
+            from distlstm.data.formats import read_parquet_chunk
+            chunk = read_parquet_chunk(shard, int(index.chunk_local[c]), sequence_column=index.sequence_column,
+                                       label_column=None, storage_options=index.storage_options,
+                                       retries=index.retries, task="lm")
+            doc_start = self._parquet_flags(s, int(index.chunk_local[c]), len(chunk))
+        else:
+            from distlstm.data.tar import read_tar_chunk
+            lo, hi = int(index.chunk_offsets[c]), int(index.chunk_offsets[c + 1])
+            chunk = read_tar_chunk(shard, storage_options=index.storage_options, retries=index.retries, task="lm",
+                                   expected_lengths=index.lengths[lo:hi])
+            doc_start = self._tar_flags(shard, len(chunk))
+        where = lambda i: chunk.where(i) if chunk.keys else f"row {chunk.first_row + i}"  # noqa: E731
+        if len(chunk) != rows:
+            raise BadSampleError(shard, f"chunk {int(index.chunk_local[c])}", f"has {len(chunk)} rows but the index "
+                                 f"says {rows}: the file changed after it was indexed",
+                                 fix="delete the index cache (data.cache_dir) or restore the file")
+        if chunk.bad:
+            i, problem = next(iter(chunk.bad.items()))
+            raise BadSampleError(shard, where(i), problem, fix=_FIX)
+        values = chunk.values
+        if values.dtype.kind != "i" or values.ndim != 1:
+            raise BadSampleError(shard, "schema", f"'{index.sequence_column}' holds {values.dtype} vectors, but "
+                                 "data.lm_mode=stream needs token ids", fix="set --data.sequence_column to the token column")
+        if self.vocab_size and len(values) and (values.min() < 0 or values.max() >= self.vocab_size):
+            bad = int(np.flatnonzero((values < 0) | (values >= self.vocab_size))[0])
+            row = int(np.searchsorted(chunk.offsets, bad, side="right") - 1)
+            raise BadSampleError(shard, where(row), f"token id {int(values[bad])} outside [0, {self.vocab_size}) "
+                                 f"(model.vocab_size)", fix=_FIX)
+        return values, doc_start
+
+    def _parquet_flags(self, s: int, row_group: int, rows: int) -> np.ndarray:
+        """doc_start of one row group (bool or integer column; null = False); every row without the column."""
+        from distlstm.data.formats import _open, _parquet_file
+        if self._has_flag.get(s) is False:
+            return np.ones(rows, bool)
+        shard = self.index.shards[s]
+        with _open(shard, self.index.storage_options, self.index.retries) as f:
+            pf = _parquet_file(shard, f)
+            self._has_flag[s] = DOC_START_COLUMN in pf.schema_arrow.names
+            if not self._has_flag[s]:
+                return np.ones(rows, bool)
+            column = pf.read_row_group(row_group, columns=[DOC_START_COLUMN]).column(0).combine_chunks()
+        if column.null_count:
+            column = column.fill_null(False if column.type == "bool" else 0)
+        return column.to_numpy(zero_copy_only=False).astype(bool)
+
+    def _tar_flags(self, shard: str, rows: int) -> np.ndarray:
+        """doc_start from the shard's `.idx.json` sidecar (written by prep); every row without one."""
+        from distlstm.data.sources import read_bytes
+        from distlstm.data.tar import sidecar_url
+        try:
+            side = json.loads(read_bytes(sidecar_url(shard), storage_options=self.index.storage_options,
+                                         retries=self.index.retries))
+            flags = np.asarray(side[DOC_START_COLUMN], bool)
+        except Exception:  # noqa: BLE001 -- no sidecar or no flags in it: every sample is a document
+            return np.ones(rows, bool)
+        if len(flags) != rows:
+            raise BadSampleError(shard, "sidecar", f"'{DOC_START_COLUMN}' has {len(flags)} entries for {rows} samples",
+                                 fix="re-create the shard and its .idx.json with distlstm.prep")
+        return flags
+
+
+_FIX = "fix the data (data.on_bad_sample=skip is not available with data.lm_mode=stream)"
+
+
+class _StreamDataset(IterableDataset):
+    """This rank's batches from the loader's position on; each worker takes every W-th batch."""
+
+    def __init__(self, loader: "StreamLoader"):
+        self.loader = loader
+        self.start = (loader.epoch, loader.relayouts, loader.segments, loader.offset)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        ld = self.loader
+        store = TokenStore(ld.index, vocab_size=ld.vocab_size, max_chunks=2 * ld.params.batch_size + 4)
+        rows = np.arange(ld.dp_rank * ld.params.batch_size, (ld.dp_rank + 1) * ld.params.batch_size)
+        epoch, relayouts, segments, offset = self.start
+        k = 0
+        while not ld.max_epochs or epoch < ld.max_epochs:
+            layout = ld.make_layout(segments)
+            for start, length in layout.chunk_offsets(ld.params, seed=ld.seed, epoch=epoch, relayouts=relayouts,
+                                                      offset=offset):
+                if k % workers == worker:
+                    yield build_batch(store, layout, rows, start, length, epoch=epoch)
+                k += 1
+            epoch, relayouts, segments, offset = epoch + 1, 0, None, 0
+
+
+def build_batch(store: TokenStore, layout: StreamLayout, rows: np.ndarray, offset: int, length: int, *,
+                epoch: int) -> Batch:
+    """The chunk `[offset, offset + length)` of `rows`: inputs, targets, lengths, resets (numpy)."""
+    pos, valid, seam = layout.positions(rows, offset, length)
+    tok, doc = store.read(np.where(valid, pos, 1))
+    prev, prev_doc = store.read(np.where(valid, pos - 1, 0))
+    inputs = np.where(valid, prev, 0)
+    # A document's first token is not predicted (its context is another document), and the state is
+    # zeroed before a document's first token goes in.
+    targets = np.where(valid & ~doc, tok, IGNORE_INDEX).astype(np.int64)
+    reset = (seam | prev_doc) & valid
+    lengths = valid.sum(axis=1).astype(np.int64)
+    first = np.where(valid[:, 0], store.sample_at(pos[:, 0]), -1).astype(np.int64)
+    return Batch(inputs, lengths, targets, first, weight=1.0, epoch=epoch, consumed=offset + length,
+                 tokens=int(lengths.sum()), items=int((targets != IGNORE_INDEX).sum()), reset=reset)
+
+
+class StreamLoader:
+    """Iterable of this rank's stream `Batch`es, with the layout's resume state (see stream.py)."""
+
+    def __init__(self, index: DatasetIndex, params: StreamParams, *, seed: int, dp_rank: int, dp_world_size: int,
+                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False, max_epochs: int = 0,
+                 vocab_size: int = 0, agree: Callable[[int], bool] | None = None,
+                 log: Callable[[str], object] = print, split: str = "train"):
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank={dp_rank} outside dp_world_size={dp_world_size}")
+        self.index, self.params, self.seed = index, params, seed
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
+        self.max_epochs, self.vocab_size, self.agree, self.log = max_epochs, vocab_size, agree, log
+        self.rows = params.batch_size * dp_world_size
+        self.num_tokens = int(index.lengths.astype(np.int64).sum())
+        if self.num_tokens - 1 < self.rows:
+            raise ValueError(f"the {split} stream has {max(0, self.num_tokens - 1)} targets, fewer than its "
+                             f"{self.rows} rows (data.batch_size={params.batch_size} x {dp_world_size} ranks); "
+                             f"lower data.batch_size")
+        self.rewind()
+
+    # ---- position
+    def rewind(self) -> None:
+        """Back to the start of epoch 0 (the validation loader, before each evaluation)."""
+        self.epoch, self.relayouts, self.segments, self.offset = 0, 0, None, 0
+
+    @property
+    def consumed(self) -> int:
+        """Targets of every row consumed in the current layout."""
+        return self.offset
+
+    def make_layout(self, segments: np.ndarray | None = None) -> StreamLayout:
+        if segments is None:
+            return StreamLayout.initial(self.num_tokens, self.rows)
+        return StreamLayout(segments, self.rows)
+
+    def layout_key(self) -> str:
+        """Where the next batch continues: the carried LSTM state belongs to exactly this."""
+        layout = self.make_layout(self.segments)
+        return f"{self.epoch}:{self.relayouts}:{layout.key()}:{self.offset}:{self.dp_rank}"
+
+    def plan_hash(self) -> int:
+        """What every rank must agree on before it takes batches."""
+        key = (f"{self.params.fingerprint()}|{self.index.fingerprint()}|{self.seed}|{self.epoch}|{self.relayouts}|"
+               f"{self.make_layout(self.segments).key()}|{self.offset}|{self.dp_world_size}")
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:6], "little")
+
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        """Batches of a whole epoch (from its start) on every rank."""
+        return len(self.make_layout().chunk_offsets(self.params, seed=self.seed, epoch=epoch, relayouts=0))
+
+    # ---- iteration
+    def __iter__(self) -> Iterator[Batch]:
+        dataset = _StreamDataset(self)
+        if self.num_workers:
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                                      generator=torch.Generator().manual_seed(self.seed)))
+        else:
+            batches = (b.pin_memory() if self.pin_memory else b for b in iter(dataset))
+        checked = None
+        try:
+            for batch in batches:
+                batch = batch.as_tensors()
+                if self.agree is not None and checked != (self.epoch, self.relayouts):
+                    if not self.agree(self.plan_hash()):
+                        raise RuntimeError(
+                            f"rank {self.dp_rank}: the stream layout of epoch {self.epoch} differs between ranks "
+                            f"({self.params}, seed {self.seed}, dataset {self.index.fingerprint()}); every rank "
+                            f"must see the same shards and data.* settings")
+                    checked = (self.epoch, self.relayouts)
+                self._advance(batch)
+                yield batch
+        finally:
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _advance(self, batch: Batch) -> None:
+        if batch.epoch != self.epoch:  # the first batch of the next epoch: its fresh layout
+            self.epoch, self.relayouts, self.segments = batch.epoch, 0, None
+        self.offset = batch.consumed
+        if self.offset >= self.make_layout(self.segments).row_length:
+            self.epoch, self.relayouts, self.segments, self.offset = self.epoch + 1, 0, None, 0
+
+    # ---- checkpoint
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "mode": "stream", "epoch": self.epoch, "relayouts": self.relayouts,
+                "segments": None if self.segments is None else self.segments.tolist(), "rows": self.rows,
+                "offset": self.offset, "world_size": self.dp_world_size, "seed": self.seed,
+                "dataset": self.index.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where the checkpoint stopped. Same number of rows: exactly (the carried state is
+        restored with the rank's state). Another number (world size or data.batch_size changed): the
+        targets not yet consumed are laid out afresh over the new rows, and the state starts at zero."""
+        if state.get("version") != STATE_VERSION or state.get("mode") != "stream":
+            raise ValueError(f"cannot resume: the checkpoint's data position is not a stream position "
+                             f"(mode {state.get('mode', 'windows')!r}); data.lm_mode changed since the checkpoint? "
+                             f"restore it, or start fresh with --checkpoint.resume never")
+        for key, mine in (("seed", self.seed), ("dataset", self.index.fingerprint())):
+            if state[key] != mine:
+                raise ValueError(f"cannot resume the data position: {key} changed since the checkpoint "
+                                 f"({state[key]} -> {mine}); restore the data.* settings and shards, or start "
+                                 f"fresh with --checkpoint.resume never")
+        segments = None if state["segments"] is None else np.asarray(state["segments"], np.int64).reshape(-1, 2)
+        self.epoch, self.relayouts, self.offset = int(state["epoch"]), int(state["relayouts"]), int(state["offset"])
+        if int(state["rows"]) == self.rows:
+            self.segments = segments
+            return
+        saved = StreamLayout.initial(self.num_tokens, int(state["rows"])) if segments is None else \
+            StreamLayout(segments, int(state["rows"]))
+        rest = saved.remaining(self.offset)
+        self.log(f"stream: the checkpoint has {int(state['rows'])} rows ({state['world_size']} ranks), this run "
+                 f"{self.rows}: the {int(sum(rest[:, 1] - rest[:, 0]))} targets of epoch {self.epoch} not yet "
+                 f"trained are laid out again over {self.rows} rows, and the carried LSTM state starts from zero")
+        self.segments, self.relayouts, self.offset = rest, self.relayouts + 1, 0
+        if len(rest) == 0 or self.make_layout(rest).row_length == 0:
+            self.epoch, self.relayouts, self.segments = self.epoch + 1, 0, None
+        elif int(sum(rest[:, 1] - rest[:, 0])) < self.rows:
+            raise ValueError(f"cannot resume on {self.rows} rows: only {int(sum(rest[:, 1] - rest[:, 0]))} targets "
+                             f"of epoch {self.epoch} are left; lower data.batch_size or resume on fewer ranks")
+
+
+def build_stream_loader(index: DatasetIndex, data_cfg, *, dp_rank: int, dp_world_size: int, vocab_size: int,
+                        pin_memory: bool, agree=None, max_epochs: int = 0, num_workers: int | None = None,
+                        log: Callable[[str], object] = print, split: str = "train") -> StreamLoader:
+    check_stream_data(index, split)
+    params = StreamParams(batch_size=data_cfg.batch_size, bptt=data_cfg.bptt, jitter=data_cfg.bptt_jitter)
+    return StreamLoader(index, params, seed=data_cfg.seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
+                        num_workers=data_cfg.num_workers if num_workers is None else num_workers,
+                        prefetch_factor=data_cfg.prefetch_factor, pin_memory=pin_memory, max_epochs=max_epochs,
+                        vocab_size=vocab_size, agree=agree, log=log, split=split)
+
+
+def check_stream_data(index: DatasetIndex, split: str) -> None:
+    """Refuse data laid out as overlapping windows: read as a stream, its shared tokens would repeat."""
+    m = index.manifest
+    if m is not None and m.task == "lm" and m.extra.get("lm_layout", "windows") != "stream":
+        raise ValueError(f"data.lm_mode=stream: the {split} data was prepared as overlapping windows (its "
+                         f"manifest.json has lm_layout={m.extra.get('lm_layout', 'windows')!r}), which read as one "
+                         f"stream would repeat tokens; re-run distlstm.prep with --lm-layout stream, or set "
+                         f"--data.lm_mode windows")
