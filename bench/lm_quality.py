@@ -1,0 +1,217 @@
+"""Language-model quality: distlstm's stream mode against windows mode and a textbook stateful loop.
+
+    python bench/lm_quality.py                      # CPU, a few minutes: 200 x 2 LSTM, 5000 words, 2 epochs
+    python bench/lm_quality.py --epochs 6 --hidden 650 --dropout 0.5 --max-vocab 0   # the full-size recipe
+
+Data: tiny Shakespeare (../shared/data), word level: `python -m distlstm.prep --tokenizer whitespace`
+(split on whitespace, <eos> at each line end), the last 10% of the text as validation. All three runs
+train the same model shape on the same token ids for the same number of training tokens, with the
+classic recipe of Zaremba et al. / pytorch/examples word_language_model (SGD lr 20, gradient clip
+0.25, lr / 4 when the validation loss does not improve, batch 20, bptt 35, dropout on the
+embeddings, between the layers and before the head), in one run:
+
+  (a) distlstm, data.lm_mode=stream: contiguous rows, the LSTM state carried across chunks;
+  (b) distlstm, data.lm_mode=windows: independent 35-target windows (prep --lm-layout windows), 20 per step;
+  (c) a plain textbook stateful loop written below (batchify / get_batch / repackage_hidden), no distlstm code.
+
+Prints the three validation perplexities (each run's last evaluation; (a) and (c) carry the state
+over the whole validation stream in 20 rows, (b) evaluates each window from a zero state, as that
+mode trains) and checks the targets: (a) within 3% of (c), and (a) at least 15% below (b).
+Exit status 0 either way (a measurement, not a gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+# ----------------------------------------------------------------------------------- (c) the textbook loop
+
+
+class RNNModel(nn.Module):
+    """pytorch/examples word_language_model's LSTM model."""
+
+    def __init__(self, ntoken: int, ninp: int, nhid: int, nlayers: int, dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnn = nn.LSTM(ninp, nhid, nlayers, dropout=dropout)
+        self.decoder = nn.Linear(nhid, ntoken)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+
+    def forward(self, x, hidden):
+        output, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
+        return self.decoder(self.drop(output)), hidden
+
+
+def batchify(data: torch.Tensor, bsz: int) -> torch.Tensor:
+    nbatch = data.size(0) // bsz
+    return data[: nbatch * bsz].view(bsz, -1).t().contiguous()  # (len, bsz): column j is row j
+
+
+def get_batch(source: torch.Tensor, i: int, bptt: int):
+    seq_len = min(bptt, len(source) - 1 - i)
+    return source[i:i + seq_len], source[i + 1:i + 1 + seq_len].reshape(-1)
+
+
+def repackage_hidden(h):
+    return tuple(v.detach() for v in h)
+
+
+def evaluate(model, data, bptt, bsz):
+    model.eval()
+    total, count, hidden = 0.0, 0, None
+    with torch.no_grad():
+        for i in range(0, data.size(0) - 1, bptt):
+            x, y = get_batch(data, i, bptt)
+            out, hidden = model(x, hidden)
+            total += nn.functional.cross_entropy(out.view(-1, out.size(-1)), y, reduction="sum").item()
+            count += len(y)
+    return total / count
+
+
+def reference(train_ids, valid_ids, *, vocab, size, layers, dropout, epochs, lr, clip, bptt, bsz, seed):
+    torch.manual_seed(seed)
+    train, valid = batchify(torch.as_tensor(train_ids), bsz), batchify(torch.as_tensor(valid_ids), bsz)
+    model = RNNModel(vocab, size, size, layers, dropout)
+    best, losses = None, []
+    for _ in range(epochs):
+        model.train()
+        hidden = None
+        for i in range(0, train.size(0) - 1, bptt):
+            x, y = get_batch(train, i, bptt)
+            hidden = repackage_hidden(hidden) if hidden is not None else None
+            model.zero_grad()
+            out, hidden = model(x, hidden)
+            nn.functional.cross_entropy(out.view(-1, vocab), y).backward()
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-lr)
+        val = evaluate(model, valid, bptt, bsz)
+        losses.append(val)
+        if best is None or val < best:
+            best = val
+        else:
+            lr /= 4.0
+    return losses
+
+
+# ----------------------------------------------------------------------------------- data and distlstm runs
+
+
+def prep(out: Path, layout: str, seq_len: int, max_vocab: int, env: dict) -> None:
+    if (out / "train" / "manifest.json").exists():
+        return
+    cmd = [sys.executable, "-m", "distlstm.prep", "--text", str(TEXT), "--task", "lm", "--tokenizer", "whitespace",
+           "--split", "tail", "--valid-fraction", "0.1", "--lm-layout", layout, "--seq-len", str(seq_len),
+           "--max-vocab", str(max_vocab), "--quiet", "--overwrite", "--out", str(out)]
+    subprocess.run(cmd, check=True, env=env)
+
+
+def stream_ids(split: Path) -> np.ndarray:
+    manifest = json.loads((split / "manifest.json").read_text())
+    parts = [pq.read_table(split / s["path"], columns=["tokens"]).column(0).combine_chunks().values.to_numpy()
+             for s in manifest["shards"]]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def distlstm_run(name: str, data: Path, extra: list[str], common: list[str], work: Path, env: dict) -> dict:
+    run_dir = work / "runs" / name
+    cmd = [sys.executable, "-m", "distlstm.train", "--data.train", str(data / "train"),
+           "--data.valid", str(data / "valid"), "--train.run_dir", str(run_dir), "--checkpoint.resume", "never",
+           *common, *extra]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    final = json.loads((run_dir / "final.json").read_text())
+    valid = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in valid if r["kind"] == "valid"]
+    return {"ppl": final["valid_perplexity"], "tokens": final["tokens"], "steps": final["step"],
+            "seconds": time.perf_counter() - start, "curve": [math.exp(v) for v in losses]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=200, help="embedding and LSTM size (650: the 'medium' model)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dropout", type=float, default=0.2, help="0.5 for the 650 model")
+    ap.add_argument("--max-vocab", type=int, default=5000, help="most frequent words kept (0: all ~25k)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    ap.add_argument("--work", default="bench-lm-quality", help="scratch folder (prepared data, run directories)")
+    a = ap.parse_args()
+    if not TEXT.is_file():
+        raise SystemExit(f"{TEXT} not found")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    work = Path(a.work).resolve()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DISTLSTM_CACHE": str(work / "cache")}
+    bsz, bptt = 20, 35
+    prep(work / "stream", "stream", 256, a.max_vocab, env)
+    prep(work / "windows", "windows", bptt, a.max_vocab, env)
+    same_vocab = (work / "stream" / "vocab.json").read_text() == (work / "windows" / "vocab.json").read_text()
+    train_ids, valid_ids = stream_ids(work / "stream" / "train"), stream_ids(work / "stream" / "valid")
+    vocab = json.loads((work / "stream" / "train" / "manifest.json").read_text())["vocab_size"]
+    steps_per_epoch = -(-(len(train_ids) - 1) // (bsz * bptt))
+    windows = json.loads((work / "windows" / "train" / "manifest.json").read_text())["num_samples"]
+    common = ["--model.task", "lm", "--model.embed_size", str(a.hidden), "--model.hidden_size", str(a.hidden),
+              "--model.num_layers", str(a.layers), "--model.dropout", str(a.dropout),
+              "--model.embed_dropout", str(a.dropout), "--optim.name", "sgd", "--optim.lr", "20",
+              "--optim.weight_decay", "0", "--optim.warmup_steps", "0", "--optim.grad_clip", "0.25",
+              "--optim.schedule", "plateau", "--optim.plateau_factor", "0.25", "--optim.plateau_patience", "1",
+              "--train.max_steps", "0", "--train.max_epochs", str(a.epochs), "--data.num_workers", "1",
+              "--log.progress", "false", "--log.tensorboard", "false", "--log.every_steps", "50",
+              "--checkpoint.at_end", "false", "--train.threads", str(a.threads)]
+    results = {}
+    results["a"] = distlstm_run("a-stream", work / "stream", [
+        "--data.lm_mode", "stream", "--data.batch_size", str(bsz), "--data.bptt", str(bptt),
+        "--train.eval_every", str(steps_per_epoch)], common, work, env)
+    results["b"] = distlstm_run("b-windows", work / "windows", [
+        "--data.lm_mode", "windows", "--data.max_length", str(bptt + 1), "--data.max_tokens", str(bsz * (bptt + 1)),
+        "--data.min_batch_size", str(bsz), "--data.max_batch_size", str(bsz),
+        "--train.eval_every", str(-(-windows // bsz))], common, work, env)
+    start = time.perf_counter()
+    curve = reference(train_ids, valid_ids, vocab=vocab, size=a.hidden, layers=a.layers, dropout=a.dropout,
+                      epochs=a.epochs, lr=20.0, clip=0.25, bptt=bptt, bsz=bsz, seed=0)
+    results["c"] = {"ppl": math.exp(curve[-1]), "tokens": a.epochs * (len(train_ids) // bsz - 1) * bsz,
+                    "steps": a.epochs * steps_per_epoch, "seconds": time.perf_counter() - start,
+                    "curve": [math.exp(v) for v in curve]}
+
+    print(f"\ntiny Shakespeare, whitespace words (vocab {vocab}, same ids in all runs: {same_vocab}), "
+          f"{len(train_ids)} train / {len(valid_ids)} valid tokens; {a.layers} x {a.hidden} LSTM, dropout "
+          f"{a.dropout}, SGD lr 20, clip 0.25, lr/4 on plateau, batch {bsz}, bptt {bptt}, {a.epochs} epochs")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
+    names = {"a": "(a) distlstm stream", "b": "(b) distlstm windows", "c": "(c) textbook loop"}
+    print(f"{'run':24s} {'valid ppl':>10s} {'train tokens':>13s} {'steps':>6s} {'seconds':>8s}  per-epoch ppl")
+    for k, name in names.items():
+        r = results[k]
+        print(f"{name:24s} {r['ppl']:10.2f} {r['tokens']:13d} {r['steps']:6d} {r['seconds']:8.1f}  "
+              + " ".join(f"{v:.1f}" for v in r["curve"]))
+    a_c = results["a"]["ppl"] / results["c"]["ppl"]
+    a_b = results["a"]["ppl"] / results["b"]["ppl"]
+    print(f"(a)/(c) = {a_c:.3f}  target within 3% (0.97..1.03): {'PASS' if abs(a_c - 1) <= 0.03 else 'FAIL'}")
+    print(f"(a)/(b) = {a_b:.3f}  target <= 0.85: {'PASS' if a_b <= 0.85 else 'FAIL'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
