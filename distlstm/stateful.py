@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from distlstm.data.batch import Batch
+from distlstm.data.stream_loader import StreamLoader
 
 
 @dataclass
@@ -53,7 +54,6 @@ class StateCarrier:
 
     @classmethod
     def for_loader(cls, loader: Any, device: torch.device | None = None) -> "StateCarrier":
-        from distlstm.data.stream_loader import StreamLoader
         if isinstance(loader, StreamLoader):
             return cls(stream=True, layout_key=loader.layout_key, device=device)
         params = getattr(loader, "params", None)

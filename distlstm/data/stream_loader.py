@@ -142,28 +142,35 @@ _FIX = "fix the data (data.on_bad_sample=skip is not available with data.lm_mode
 
 
 class _StreamDataset(IterableDataset):
-    """This rank's batches from the loader's position on; each worker takes every W-th batch."""
+    """This rank's batches from a position on; each worker takes every W-th batch."""
 
-    def __init__(self, loader: "StreamLoader"):
-        self.loader = loader
-        self.start = (loader.epoch, loader.relayouts, loader.segments, loader.offset)
+    def __init__(self, index: DatasetIndex, params: StreamParams, *, seed: int, dp_rank: int, rows: int,
+                 vocab_size: int, max_epochs: int, start: tuple):
+        self.index, self.params, self.seed, self.vocab_size = index, params, seed, vocab_size
+        self.rows, self.max_epochs, self.start = rows, max_epochs, start
+        self.mine = np.arange(dp_rank * params.batch_size, (dp_rank + 1) * params.batch_size)
+        self.num_tokens = int(index.lengths.astype(np.int64).sum())
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        ld = self.loader
-        store = TokenStore(ld.index, vocab_size=ld.vocab_size, max_chunks=2 * ld.params.batch_size + 4)
-        rows = np.arange(ld.dp_rank * ld.params.batch_size, (ld.dp_rank + 1) * ld.params.batch_size)
+        # About two decoded chunks per row: where the row's targets are, and where their inputs are.
+        store = TokenStore(self.index, vocab_size=self.vocab_size, max_chunks=2 * self.params.batch_size + 4)
         epoch, relayouts, segments, offset = self.start
         k = 0
-        while not ld.max_epochs or epoch < ld.max_epochs:
-            layout = ld.make_layout(segments)
-            for start, length in layout.chunk_offsets(ld.params, seed=ld.seed, epoch=epoch, relayouts=relayouts,
+        while not self.max_epochs or epoch < self.max_epochs:
+            layout = make_layout(self.num_tokens, self.rows, segments)
+            for start, length in layout.chunk_offsets(self.params, seed=self.seed, epoch=epoch, relayouts=relayouts,
                                                       offset=offset):
                 if k % workers == worker:
-                    yield build_batch(store, layout, rows, start, length, epoch=epoch)
+                    yield build_batch(store, layout, self.mine, start, length, epoch=epoch)
                 k += 1
             epoch, relayouts, segments, offset = epoch + 1, 0, None, 0
+
+
+def make_layout(num_tokens: int, rows: int, segments: np.ndarray | None) -> StreamLayout:
+    """An epoch's fresh layout (segments None), or one re-laid out on resume."""
+    return StreamLayout.initial(num_tokens, rows) if segments is None else StreamLayout(segments, rows)
 
 
 def build_batch(store: TokenStore, layout: StreamLayout, rows: np.ndarray, offset: int, length: int, *,
@@ -215,9 +222,7 @@ class StreamLoader:
         return self.offset
 
     def make_layout(self, segments: np.ndarray | None = None) -> StreamLayout:
-        if segments is None:
-            return StreamLayout.initial(self.num_tokens, self.rows)
-        return StreamLayout(segments, self.rows)
+        return make_layout(self.num_tokens, self.rows, segments)
 
     def layout_key(self) -> str:
         """Where the next batch continues: the carried LSTM state belongs to exactly this."""
@@ -236,7 +241,9 @@ class StreamLoader:
 
     # ---- iteration
     def __iter__(self) -> Iterator[Batch]:
-        dataset = _StreamDataset(self)
+        dataset = _StreamDataset(self.index, self.params, seed=self.seed, dp_rank=self.dp_rank, rows=self.rows,
+                                 vocab_size=self.vocab_size, max_epochs=self.max_epochs,
+                                 start=(self.epoch, self.relayouts, self.segments, self.offset))
         if self.num_workers:
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                       pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
@@ -292,6 +299,10 @@ class StreamLoader:
         self.epoch, self.relayouts, self.offset = int(state["epoch"]), int(state["relayouts"]), int(state["offset"])
         if int(state["rows"]) == self.rows:
             self.segments = segments
+            if int(state["world_size"]) != self.dp_world_size:
+                self.log(f"stream: the checkpoint has {state['world_size']} ranks, this run {self.dp_world_size}: "
+                         f"the stream continues at the same position over the same {self.rows} rows, and the "
+                         f"carried LSTM state starts from zero")
             return
         saved = StreamLayout.initial(self.num_tokens, int(state["rows"])) if segments is None else \
             StreamLayout(segments, int(state["rows"]))
