@@ -1,6 +1,6 @@
 """Language-model quality: distlstm's stream mode against windows mode and a textbook stateful loop.
 
-    python bench/lm_quality.py                      # CPU, a few minutes: 200 x 2 LSTM, 5000 words, 2 epochs
+    python bench/lm_quality.py                      # CPU, a few minutes: 128 x 2 LSTM, 3000 words, 2 epochs
     python bench/lm_quality.py --epochs 6 --hidden 650 --dropout 0.5 --max-vocab 0   # the full-size recipe
 
 Data: tiny Shakespeare (../shared/data), word level: `python -m distlstm.prep --tokenizer whitespace`
@@ -12,7 +12,9 @@ embeddings, between the layers and before the head), in one run:
 
   (a) distlstm, data.lm_mode=stream: contiguous rows, the LSTM state carried across chunks;
   (b) distlstm, data.lm_mode=windows: independent 35-target windows (prep --lm-layout windows), 20 per step;
-  (c) a plain textbook stateful loop written below (batchify / get_batch / repackage_hidden), no distlstm code.
+  (c) a plain textbook stateful loop written below (batchify / get_batch / repackage_hidden), no distlstm
+      code; its model is initialised as distlstm's is, so that (a) and (c) differ only in the loop
+      (--textbook-init: as pytorch/examples initialises it).
 
 Prints the three validation perplexities (each run's last evaluation; (a) and (c) carry the state
 over the whole validation stream in 20 rows, (b) evaluates each window from a zero state, as that
@@ -45,17 +47,25 @@ TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 class RNNModel(nn.Module):
-    """pytorch/examples word_language_model's LSTM model."""
+    """pytorch/examples word_language_model's LSTM model. Initialised as distlstm initialises its model
+    (torch's defaults, forget-gate bias 1), so that (a) and (c) differ only in the training loop;
+    `textbook_init`: the example's own (uniform +-0.1 embedding and decoder, zero decoder bias)."""
 
-    def __init__(self, ntoken: int, ninp: int, nhid: int, nlayers: int, dropout: float):
+    def __init__(self, ntoken: int, ninp: int, nhid: int, nlayers: int, dropout: float, textbook_init: bool):
         super().__init__()
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(ntoken, ninp)
         self.rnn = nn.LSTM(ninp, nhid, nlayers, dropout=dropout)
         self.decoder = nn.Linear(nhid, ntoken)
-        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
-        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        if textbook_init:
+            nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+            nn.init.zeros_(self.decoder.bias)
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        else:
+            with torch.no_grad():
+                for name, p in self.rnn.named_parameters():
+                    if name.startswith("bias_"):  # gates (input, forget, cell, output): forget bias 1 in all
+                        p[nhid:2 * nhid] = 1.0 if name.startswith("bias_ih") else 0.0
 
     def forward(self, x, hidden):
         output, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
@@ -88,10 +98,10 @@ def evaluate(model, data, bptt, bsz):
     return total / count
 
 
-def reference(train_ids, valid_ids, *, vocab, size, layers, dropout, epochs, lr, clip, bptt, bsz, seed):
+def reference(train_ids, valid_ids, *, vocab, size, layers, dropout, epochs, lr, clip, bptt, bsz, seed, textbook_init):
     torch.manual_seed(seed)
     train, valid = batchify(torch.as_tensor(train_ids), bsz), batchify(torch.as_tensor(valid_ids), bsz)
-    model = RNNModel(vocab, size, size, layers, dropout)
+    model = RNNModel(vocab, size, size, layers, dropout, textbook_init)
     best, losses = None, []
     for _ in range(epochs):
         model.train()
@@ -149,13 +159,25 @@ def distlstm_run(name: str, data: Path, extra: list[str], common: list[str], wor
             "seconds": time.perf_counter() - start, "curve": [math.exp(v) for v in losses]}
 
 
+def windows_steps_per_epoch(split: Path, bsz: int, bptt: int) -> int:
+    """Steps of one epoch of (b), from distlstm's data plan, so that it evaluates once per epoch."""
+    sys.path.insert(0, str(ROOT))
+    from distlstm.data.index import open_index
+    from distlstm.data.plan import EpochPlan, PlanParams
+    index = open_index(str(split), cache_dir=split.parent.parent / "cache")
+    params = PlanParams(max_tokens=bsz * (bptt + 1), min_batch_size=bsz, max_batch_size=bsz, max_length=bptt + 1)
+    return EpochPlan(index.chunk_offsets, index.lengths, params, seed=1234, epoch=0).num_batches
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=200, help="embedding and LSTM size (650: the 'medium' model)")
+    ap.add_argument("--hidden", type=int, default=128, help="embedding and LSTM size (650: the 'medium' model)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dropout", type=float, default=0.2, help="0.5 for the 650 model")
-    ap.add_argument("--max-vocab", type=int, default=5000, help="most frequent words kept (0: all ~25k)")
+    ap.add_argument("--max-vocab", type=int, default=3000, help="most frequent words kept (0: all ~25k)")
+    ap.add_argument("--textbook-init", action="store_true", help="(c) initialised as pytorch/examples does, "
+                    "not as distlstm does")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     ap.add_argument("--work", default="bench-lm-quality", help="scratch folder (prepared data, run directories)")
     a = ap.parse_args()
@@ -172,7 +194,7 @@ def main() -> int:
     train_ids, valid_ids = stream_ids(work / "stream" / "train"), stream_ids(work / "stream" / "valid")
     vocab = json.loads((work / "stream" / "train" / "manifest.json").read_text())["vocab_size"]
     steps_per_epoch = -(-(len(train_ids) - 1) // (bsz * bptt))
-    windows = json.loads((work / "windows" / "train" / "manifest.json").read_text())["num_samples"]
+    windows_steps = windows_steps_per_epoch(work / "windows" / "train", bsz, bptt)
     common = ["--model.task", "lm", "--model.embed_size", str(a.hidden), "--model.hidden_size", str(a.hidden),
               "--model.num_layers", str(a.layers), "--model.dropout", str(a.dropout),
               "--model.embed_dropout", str(a.dropout), "--optim.name", "sgd", "--optim.lr", "20",
@@ -188,10 +210,10 @@ def main() -> int:
     results["b"] = distlstm_run("b-windows", work / "windows", [
         "--data.lm_mode", "windows", "--data.max_length", str(bptt + 1), "--data.max_tokens", str(bsz * (bptt + 1)),
         "--data.min_batch_size", str(bsz), "--data.max_batch_size", str(bsz),
-        "--train.eval_every", str(-(-windows // bsz))], common, work, env)
+        "--train.eval_every", str(windows_steps)], common, work, env)
     start = time.perf_counter()
     curve = reference(train_ids, valid_ids, vocab=vocab, size=a.hidden, layers=a.layers, dropout=a.dropout,
-                      epochs=a.epochs, lr=20.0, clip=0.25, bptt=bptt, bsz=bsz, seed=0)
+                      epochs=a.epochs, lr=20.0, clip=0.25, bptt=bptt, bsz=bsz, seed=0, textbook_init=a.textbook_init)
     results["c"] = {"ppl": math.exp(curve[-1]), "tokens": a.epochs * (len(train_ids) // bsz - 1) * bsz,
                     "steps": a.epochs * steps_per_epoch, "seconds": time.perf_counter() - start,
                     "curve": [math.exp(v) for v in curve]}
