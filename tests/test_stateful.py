@@ -230,3 +230,38 @@ def test_too_long_chunk_keeps_long_samples_whole_in_the_loader(tmp_path):
     with pytest.raises(Exception, match="data.too_long=chunk needs a per-step task"):
         from distlstm.stateful import check_config
         check_config(Config(model=ModelConfig(task="classify"), data=DataConfig(too_long="chunk")))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stream_mode_on_cuda_matches_cpu_and_trains(tmp_path, precision):
+    """cuDNN with a carried state and reset columns: fp32 outputs equal the CPU's; under bf16 autocast
+    the carried state keeps working across steps and the loss falls."""
+    docs = documents(20, min_len=20, max_len=80, vocab=40, seed=8)
+    model, model_cfg = _model()
+    model = model.float()
+    loader = _stream(tmp_path, docs, batch_size=4, bptt=10)
+    cuda = torch.device("cuda")
+    if precision == "fp32":
+        cpu_out, _, _ = _carried_outputs(model, loader)
+        carry, outs = StateCarrier.for_loader(loader, cuda), []
+        gpu_model = model.to(cuda)
+        with torch.no_grad():
+            for b in loader:
+                (piece,) = carry.pieces(b.to(cuda), b)
+                outs.append(carry.forward(gpu_model, piece))
+        torch.testing.assert_close(torch.cat(outs, 1).cpu(), cpu_out, rtol=1e-4, atol=1e-4)
+        return
+    model = model.to(cuda)
+    cfg = Config(model=model_cfg, train=TrainConfig(precision="bf16"))
+    optimizer, scheduler = build_optimizer(model, cfg.optim, 200, cuda)
+    trainer = Trainer(cfg, detect_world({}), model=model, optimizer=optimizer, scheduler=scheduler,
+                      amp=AmpPolicy("bf16", cuda), device=cuda, train_loader=loader)
+    first = evaluate_model(model, loader, amp=trainer.amp, device=cuda)["loss"]
+    for _ in range(3):
+        loader.rewind()  # one epoch per pass (the loader has max_epochs=1)
+        for b in loader:
+            trainer.train_step([b])
+    assert trainer.carry.state is not None and trainer.carry.state[0].is_cuda
+    assert evaluate_model(model, loader, amp=trainer.amp, device=cuda)["loss"] < first - 0.2
