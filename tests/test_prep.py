@@ -265,7 +265,7 @@ def test_whitespace_tokenizer_reads_pretokenised_corpora_like_the_textbook(tmp_p
     vocab = json.loads((out / "vocab.json").read_text())
     assert vocab["tokenizer"] == "whitespace" and vocab["tokens"].count("<unk>") == 1 and vocab["tokens"][0] == "<unk>"
     chunks = _rows(out / "train", "tokens")
-    ids = chunks[0] + [t for c in chunks[1:] for t in c[1:]]
+    ids = [t for c in chunks for t in c]  # the stream layout: consecutive rows, no overlap
     words = ["the", "cat", "<unk>", "sat", "<eos>", "<eos>", "the", "dog", "sat", "on", "the", "<unk>", "<eos>",
              "a", "mat", "<eos>", "the", "end", "<eos>"]
     assert [vocab["tokens"][i] for i in ids] == words
@@ -278,7 +278,7 @@ def test_whitespace_tokenizer_on_tinyshakespeare_matches_the_textbook_count(tmp_
     words = _textbook_words(SHAKESPEARE)
     out = tmp_path / "w"
     manifests = _run("--text", str(SHAKESPEARE), "--tokenizer", "whitespace", "--seq-len", "35", "--split", "tail",
-                     "--valid-fraction", "0.1", "--out", str(out))
+                     "--valid-fraction", "0.1", "--lm-layout", "windows", "--out", str(out))
     train, valid = manifests["train"], manifests["valid"]
     n_valid = round(len(words) * 0.1)
     assert train["num_samples"] == _expected_lm_samples(len(words) - n_valid, 35)
@@ -287,3 +287,8 @@ def test_whitespace_tokenizer_on_tinyshakespeare_matches_the_textbook_count(tmp_
     vocab = json.loads((out / "vocab.json").read_text())["tokens"]
     chunks = _rows(out / "valid", "tokens")
     assert [vocab[i] for i in chunks[0] + [t for c in chunks[1:] for t in c[1:]]] == words[-n_valid:]
+    # The stream layout (the default) holds the same words, in rows of 35 that do not overlap.
+    stream = _run("--text", str(SHAKESPEARE), "--tokenizer", "whitespace", "--seq-len", "35", "--split", "tail",
+                  "--valid-fraction", "0.1", "--out", str(tmp_path / "s"))
+    assert stream["valid"]["num_samples"] == -(-n_valid // 35) and stream["valid"]["num_tokens"] == n_valid
+    assert [vocab[i] for c in _rows(tmp_path / "s" / "valid", "tokens") for i in c] == words[-n_valid:]
