@@ -101,7 +101,8 @@ def run_distlstm(data: Path, work: Path, name: str, args, extra: list[str], *, s
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "distlstm.train", "--data.train", str(data), "--data.cache_dir", str(work / "cache"),
-           "--model.task", "lm", "--train.precision", args.precision, "--train.eval_every", "0",
+           "--model.task", "lm", "--data.lm_mode", "windows", "--train.precision", args.precision,
+           "--train.eval_every", "0",
            "--checkpoint.at_end", "false", "--checkpoint.resume", "never", "--log.progress", "false",
            "--log.tensorboard", "false", "--train.run_dir", str(run_dir), "--optim.warmup_steps", "20",
            "--data.num_workers", str(args.workers), "--train.device", "cuda" if args.cuda else "cpu", *extra]

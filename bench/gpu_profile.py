@@ -42,7 +42,7 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cu
 
 
 def build(args, data: Path, cache: Path, graphs: bool, device: torch.device):
-    overrides = ["--model.task", "lm", "--model.input", "tokens", "--model.embed_size", str(args.hidden), "--model.hidden_size", str(args.hidden),
+    overrides = ["--model.task", "lm", "--data.lm_mode", "windows", "--model.input", "tokens", "--model.embed_size", str(args.hidden), "--model.hidden_size", str(args.hidden),
                  "--model.num_layers", str(args.layers), "--data.max_tokens", str(args.max_tokens),
                  "--data.num_workers", "1", "--train.precision", args.precision,
                  "--train.cuda_graphs", "on" if graphs else "off", "--data.shape_buckets", str(args.shape_buckets)]

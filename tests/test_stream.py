@@ -224,7 +224,7 @@ def test_tar_shards_read_document_starts_from_the_sidecar(tmp_path):
         assert len([m for m in tf.getmembers()]) == len(json.loads(side.read_text())["keys"])
 
 
-def test_windows_layout_data_is_refused_with_the_fix(tmp_path):
+def test_windows_layout_data_reads_each_row_as_a_document_and_says_so(tmp_path):
     from distlstm.data.prep import build_parser, run
     from distlstm.data.stream_loader import build_stream_loader
     from distlstm.config import DataConfig
@@ -232,9 +232,13 @@ def test_windows_layout_data_is_refused_with_the_fix(tmp_path):
     run(build_parser().parse_args(["--text", str(tmp_path / "t.txt"), "--lm-layout", "windows", "--seq-len", "8",
                                    "--valid-fraction", "0", "--quiet", "--out", str(tmp_path / "w")]))
     index = open_index(str(tmp_path / "w" / "train"), cache_dir=tmp_path / "cache")
-    with pytest.raises(ValueError, match="prepared as overlapping windows .*--lm-layout stream, or set "
-                                         "--data.lm_mode windows"):
-        build_stream_loader(index, DataConfig(), dp_rank=0, dp_world_size=1, vocab_size=0, pin_memory=False)
+    said = []
+    loader = build_stream_loader(index, DataConfig(batch_size=3, bptt=4), dp_rank=0, dp_world_size=1, vocab_size=0,
+                                 pin_memory=False, log=said.append, max_epochs=1)
+    assert "independent windows" in said[0] and "--lm-layout stream" in said[0]
+    # Each window's first token is a document start, so the token the windows share is a target once.
+    targets = sum(int((b.targets != IGNORE_INDEX).sum()) for b in loader)
+    assert targets == 800 - 1
 
 
 def test_too_few_targets_for_the_rows_is_a_clear_error(tmp_path):

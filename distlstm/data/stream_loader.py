@@ -321,7 +321,7 @@ class StreamLoader:
 def build_stream_loader(index: DatasetIndex, data_cfg, *, dp_rank: int, dp_world_size: int, vocab_size: int,
                         pin_memory: bool, agree=None, max_epochs: int = 0, num_workers: int | None = None,
                         log: Callable[[str], object] = print, split: str = "train") -> StreamLoader:
-    check_stream_data(index, split)
+    check_stream_data(index, split, log)
     params = StreamParams(batch_size=data_cfg.batch_size, bptt=data_cfg.bptt, jitter=data_cfg.bptt_jitter)
     return StreamLoader(index, params, seed=data_cfg.seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
                         num_workers=data_cfg.num_workers if num_workers is None else num_workers,
@@ -329,11 +329,11 @@ def build_stream_loader(index: DatasetIndex, data_cfg, *, dp_rank: int, dp_world
                         vocab_size=vocab_size, agree=agree, log=log, split=split)
 
 
-def check_stream_data(index: DatasetIndex, split: str) -> None:
-    """Refuse data laid out as overlapping windows: read as a stream, its shared tokens would repeat."""
+def check_stream_data(index: DatasetIndex, split: str, log: Callable[[str], object] = print) -> None:
+    """Say so when the data is prep's overlapping windows: without `doc_start` flags every row is a
+    document of its own (so no token is trained twice), but no context crosses from one row to the next."""
     m = index.manifest
-    if m is not None and m.task == "lm" and m.extra.get("lm_layout", "windows") != "stream":
-        raise ValueError(f"data.lm_mode=stream: the {split} data was prepared as overlapping windows (its "
-                         f"manifest.json has lm_layout={m.extra.get('lm_layout', 'windows')!r}), which read as one "
-                         f"stream would repeat tokens; re-run distlstm.prep with --lm-layout stream, or set "
-                         f"--data.lm_mode windows")
+    if m is not None and m.extra.get("lm_layout") == "windows":
+        log(f"stream: the {split} data was prepared as independent windows (prep --lm-layout windows): every row "
+            f"is read as a document of its own, so the LSTM state is reset at each row; re-run distlstm.prep with "
+            f"--lm-layout stream to carry context across rows, or set --data.lm_mode windows")
