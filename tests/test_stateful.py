@@ -265,3 +265,20 @@ def test_stream_mode_on_cuda_matches_cpu_and_trains(tmp_path, precision):
             trainer.train_step([b])
     assert trainer.carry.state is not None and trainer.carry.state[0].is_cuda
     assert evaluate_model(model, loader, amp=trainer.amp, device=cuda)["loss"] < first - 0.2
+
+
+def test_the_carried_forward_applies_every_layer_the_plain_forward_does():
+    """Training mode, every dropout on, the same RNG draws: one chunk through the carried path from a
+    zero state equals the plain forward (a layer the carried path forgot would change the outputs)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(task="lm", input="tokens", hidden_size=12, embed_size=6, num_layers=2, dropout=0.3,
+                      embed_dropout=0.3)
+    model = build_model(cfg, vocab_size=40, input_size=0, num_classes=0).train()
+    x = torch.randint(0, 40, (3, 9))
+    torch.manual_seed(5)
+    plain = model(x, torch.full((3,), 9))
+    torch.manual_seed(5)
+    carried, _ = model(x, torch.full((3,), 9), state=None, resets=(), with_state=True)
+    torch.testing.assert_close(carried, plain, rtol=0, atol=0)
+    torch.manual_seed(6)
+    assert not torch.equal(model(x, torch.full((3,), 9)), plain), "dropout should make the draws matter"
