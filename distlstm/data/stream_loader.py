@@ -19,6 +19,7 @@ from collections import OrderedDict
 from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -26,6 +27,7 @@ from distlstm.data.batch import Batch
 from distlstm.data.errors import BadSampleError
 from distlstm.data.index import DatasetIndex
 from distlstm.data.stream import DOC_START_COLUMN, StreamLayout, StreamParams
+from distlstm.data.workers import WorkerFailure, raise_worker_failures, track_workers, worker_init
 from distlstm.tasks import IGNORE_INDEX
 
 STATE_VERSION = 1
@@ -41,7 +43,7 @@ class TokenStore:
         self.chunk_start = self.sample_start[index.chunk_offsets]          # ... of each chunk's first row
         self.num_tokens = int(self.sample_start[-1])
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._has_flag: dict[int, bool] = {}
+        self._files: dict[int, object] = {}  # shard -> its Parquet file if it has doc_start flags, else None
 
     def read(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, starts-a-document) at stream positions `pos` (any shape, all < num_tokens)."""
@@ -79,13 +81,13 @@ class TokenStore:
             from distlstm.data.formats import read_parquet_chunk
             chunk = read_parquet_chunk(shard, int(index.chunk_local[c]), sequence_column=index.sequence_column,
                                        label_column=None, storage_options=index.storage_options,
-                                       retries=index.retries, task="lm")
+                                       retries=index.retries, task="lm", source=index.remote_source(s))
             doc_start = self._parquet_flags(s, int(index.chunk_local[c]), len(chunk))
         else:
             from distlstm.data.tar import read_tar_chunk
             lo, hi = int(index.chunk_offsets[c]), int(index.chunk_offsets[c + 1])
             chunk = read_tar_chunk(shard, storage_options=index.storage_options, retries=index.retries, task="lm",
-                                   expected_lengths=index.lengths[lo:hi])
+                                   labels=False, expected_lengths=index.lengths[lo:hi])
             doc_start = self._tar_flags(shard, len(chunk))
         where = lambda i: chunk.where(i) if chunk.keys else f"row {chunk.first_row + i}"  # noqa: E731
         if len(chunk) != rows:
@@ -108,16 +110,21 @@ class TokenStore:
 
     def _parquet_flags(self, s: int, row_group: int, rows: int) -> np.ndarray:
         """doc_start of one row group (bool or integer column; null = False); every row without the column."""
-        from distlstm.data.formats import _open, _parquet_file
-        if self._has_flag.get(s) is False:
+        if s not in self._files:
+            from distlstm.data.formats import _local_path, _parquet_file
+            from distlstm.data.parquet_remote import RemoteParquetFile
+            source = self.index.remote_source(s)
+            pf = RemoteParquetFile(source) if source is not None else \
+                _parquet_file(_local_path(self.index.shards[s], self.index.storage_options))
+            self._files[s] = pf if DOC_START_COLUMN in pf.schema_arrow.names else None
+        pf = self._files[s]
+        if pf is None:
             return np.ones(rows, bool)
-        shard = self.index.shards[s]
-        with _open(shard, self.index.storage_options, self.index.retries) as f:
-            pf = _parquet_file(shard, f)
-            self._has_flag[s] = DOC_START_COLUMN in pf.schema_arrow.names
-            if not self._has_flag[s]:
-                return np.ones(rows, bool)
+        try:
             column = pf.read_row_group(row_group, columns=[DOC_START_COLUMN]).column(0).combine_chunks()
+        except (pa.ArrowException, OSError) as exc:
+            raise BadSampleError(self.index.shards[s], f"row group {row_group}", f"column '{DOC_START_COLUMN}' "
+                                 f"cannot be read ({exc})", fix="re-create the shard") from exc
         if column.null_count:
             column = column.fill_null(False if column.type == "bool" else 0)
         return column.to_numpy(zero_copy_only=False).astype(bool)
@@ -152,6 +159,15 @@ class _StreamDataset(IterableDataset):
         self.num_tokens = int(index.lengths.astype(np.int64).sum())
 
     def __iter__(self) -> Iterator[Batch]:
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except Exception as exc:  # noqa: BLE001 -- shipped whole to the main process (distlstm/data/workers.py)
+            yield WorkerFailure.of(exc)
+
+    def _batches(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         # About two decoded chunks per row: where the row's targets are, and where their inputs are.
@@ -235,6 +251,13 @@ class StreamLoader:
                f"{self.make_layout(self.segments).key()}|{self.offset}|{self.dp_world_size}")
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:6], "little")
 
+    def describe(self) -> str:
+        """One line about the layout, for the run log."""
+        layout = self.make_layout(self.segments)
+        return (f"lm stream: {self.num_tokens} tokens in {self.rows} rows of ~{layout.row_length} targets "
+                f"({self.params.batch_size} per rank), {self.steps_per_epoch()} chunks of {self.params.bptt} "
+                f"per epoch{' (variable length)' if self.params.jitter else ''}")
+
     def steps_per_epoch(self, epoch: int = 0) -> int:
         """Batches of a whole epoch (from its start) on every rank."""
         return len(self.make_layout().chunk_offsets(self.params, seed=self.seed, epoch=epoch, relayouts=0))
@@ -245,11 +268,17 @@ class StreamLoader:
                                  vocab_size=self.vocab_size, max_epochs=self.max_epochs,
                                  start=(self.epoch, self.relayouts, self.segments, self.offset))
         if self.num_workers:
+            # Workers as the windows loader has them (distlstm/data/workers.py): their own generator (the
+            # global torch RNG drives dropout), stop signals left to the trainer, errors shipped whole.
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                       pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                                      generator=torch.Generator().manual_seed(self.seed)))
+                                      generator=torch.Generator().manual_seed(self.seed), worker_init_fn=worker_init))
+            track_workers(batches)
         else:
             batches = (b.pin_memory() if self.pin_memory else b for b in iter(dataset))
+        source = batches
+        if self.num_workers:
+            batches = raise_worker_failures(batches)
         checked = None
         try:
             for batch in batches:
@@ -264,7 +293,9 @@ class StreamLoader:
                 self._advance(batch)
                 yield batch
         finally:
-            shutdown = getattr(batches, "_shutdown_workers", None)
+            if batches is not source:
+                batches.close()
+            shutdown = getattr(source, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
 
