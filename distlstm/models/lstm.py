@@ -98,7 +98,7 @@ class SequenceModel(nn.Module):
             self.head.weight = self.embedding.weight
         _init_forget_gate_bias(self.lstm, hidden_size)
 
-    def forward(self, inputs: Tensor, lengths: Tensor, lengths_cpu: Tensor | None = None, *,
+    def forward(self, inputs: Tensor, lengths: Tensor, lengths_cpu: Tensor | None = None,
                 state: LstmState | None = None, resets: Resets = (), with_state: bool = False):
         """classify `(B, C)`, regress `(B,)` or `(B, K)`, tag `(B, T, C)`, lm `(B, T, V)` logits.
         `lengths_cpu`: the same lengths on the host, if the caller has them (saves the packing path,
@@ -106,7 +106,8 @@ class SequenceModel(nn.Module):
 
         `with_state=True` (truncated BPTT, unidirectional only; see `encode_carried`): start from
         `state`, zero it per row at `resets`, and return `(logits, state after the last column)`.
-        It goes through `forward` so that DDP sees the call."""
+        It goes through `forward` so that DDP sees the call. (Not keyword-only: the TorchScript-based
+        ONNX exporter passes every argument by position.)"""
         if with_state:
             steps, final_state = self.encode_carried(inputs, state, resets)
             return self.apply_head(steps, lengths), final_state
