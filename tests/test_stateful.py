@@ -9,6 +9,8 @@ a long sample cut into pieces trains differently from the same sample in one pie
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -282,3 +284,34 @@ def test_the_carried_forward_applies_every_layer_the_plain_forward_does():
     torch.testing.assert_close(carried, plain, rtol=0, atol=0)
     torch.manual_seed(6)
     assert not torch.equal(model(x, torch.full((3,), 9)), plain), "dropout should make the draws matter"
+
+
+def test_too_long_chunk_trains_whole_samples_through_the_cli(tmp_path):
+    """`--data.too_long chunk` end to end (tag, raw Parquet): one epoch trains every step of every
+    sample, the long ones included (with truncate it would be the first max_length steps of each)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(5, 200, size=40)
+    tokens = [rng.integers(1, 30, size=n).tolist() for n in lengths]
+    tags = [[t % 3 for t in seq] for seq in tokens]
+    pq.write_table(pa.table({"tokens": pa.array(tokens, pa.list_(pa.int32())),
+                             "tags": pa.array(tags, pa.list_(pa.int32()))}), tmp_path / "tag.parquet", row_group_size=10)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "DISTLSTM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "distlstm.train", "--data.train", str(tmp_path / "tag.parquet"),
+                           "--model.task", "tag", "--data.label_column", "tags", "--model.num_classes", "3",
+                           "--model.hidden_size", "16",
+                           "--model.embed_size", "8", "--data.max_length", "32", "--data.too_long", "chunk",
+                           "--data.max_tokens", "256", "--data.num_workers", "0", "--train.max_steps", "0",
+                           "--train.max_epochs", "1", "--train.eval_every", "0", "--log.progress", "false",
+                           "--log.tensorboard", "false", "--train.run_dir", str(run_dir)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads((run_dir / "final.json").read_text())["tokens"] == int(lengths.sum()) > 40 * 32
