@@ -246,3 +246,20 @@ def test_too_few_targets_for_the_rows_is_a_clear_error(tmp_path):
     index = open_index(str(tmp_path / "d" / "x.parquet"), cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match="fewer than its 40 rows .*lower data.batch_size"):
         _loader(index, 2, 0, batch_size=20)
+
+
+def test_switching_lm_mode_between_checkpoint_and_resume_is_a_clear_error(stream_index):
+    """A stream-mode data position resumed by the windows loader (and the reverse) names
+    data.lm_mode instead of failing on a missing key."""
+    from distlstm.config import DataConfig
+    from distlstm.data.loader import build_loader
+    index, _ = stream_index
+    index.label_column = None
+    windows = build_loader(index, DataConfig(lm_mode="windows", num_workers=0, seed=0), task="lm", dp_rank=0, dp_world_size=1,
+                           vocab_size=0, num_classes=0, pin_memory=False, run_dir=None, max_epochs=1)
+    stream = _loader(index, 1, 0)
+    next(iter(stream))
+    with pytest.raises(ValueError, match="data.lm_mode"):
+        windows.load_state_dict(json.loads(json.dumps(stream.state_dict())))
+    with pytest.raises(ValueError, match="data.lm_mode"):
+        _loader(index, 1, 0).load_state_dict(json.loads(json.dumps(windows.state_dict())))

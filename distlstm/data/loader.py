@@ -469,6 +469,10 @@ class BatchLoader:
         """Resume on exactly the next global batch. A different world size is fine (the position is
         global, and the epoch in progress keeps the number of streams it was planned with); a
         different seed, plan or dataset is refused because the position would be meaningless."""
+        if state.get("mode") == "stream":  # an lm stream position (distlstm/data/stream_loader.py)
+            raise ValueError("cannot resume: the checkpoint's data position is an lm stream position "
+                             "(data.lm_mode=stream) and this run reads windows; restore --data.lm_mode stream, "
+                             "or start fresh with --checkpoint.resume never")
         if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
         for key, mine in (("seed", self.seed), ("plan", _plan_fingerprint(self.params)),
