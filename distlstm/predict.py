@@ -79,8 +79,11 @@ def run(argv: list[str]) -> int:
     run_dir, out = Path(args.run), Path(args.out)
     if out.resolve() == run_dir.resolve():
         raise ValueError(f"--out {out} is the run directory; predictions go into a folder of their own")
-    # Every sample gets a prediction: too long ones are truncated to data.max_length, not dropped.
-    cfg = run_config(run_dir, ["--data.too_long", "truncate"] + overrides + ["--data.valid", args.data])
+    # Every sample gets a prediction: too long ones are truncated to data.max_length, not dropped. An lm
+    # run trained in stream mode still predicts each row on its own (build_run would otherwise lay the
+    # input out as a stream of data.batch_size rows, which predict never reads).
+    cfg = run_config(run_dir, ["--data.too_long", "truncate"] + overrides +
+                     ["--data.valid", args.data, "--data.lm_mode", "windows"])
     from distlstm.build import build_run
     from distlstm.data.loader import build_loader
     with session(cfg) as s:

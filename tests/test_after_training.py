@@ -206,6 +206,20 @@ def test_predict_reads_data_without_labels(classify_run, tmp_path, fmt):
     assert all(len(p) == 4 and abs(sum(p) - 1) < 1e-5 for p in got["probabilities"])
 
 
+def test_predict_on_a_stream_mode_lm_run_reads_each_row_on_its_own(lm_run, tmp_path):
+    """The lm run trained in stream mode (20 rows per step); predict reads its input as independent
+    rows, so two short rows (fewer tokens than the run's stream has rows) get a next-token prediction
+    after each of their steps."""
+    import pyarrow as pa
+    run_dir, cache = lm_run
+    rows = [[3, 4, 5, 6], [7, 8, 9]]
+    pq.write_table(pa.table({"tokens": pa.array(rows, pa.list_(pa.int32()))}), tmp_path / "few.parquet")
+    cli("distlstm.predict", str(run_dir), "--data", str(tmp_path / "few.parquet"), "--out", str(tmp_path / "p"),
+        cache=cache)
+    got = read_predictions(tmp_path / "p")[0].sort_by("sample_id").to_pydict()
+    assert got["length"] == [4, 3] and [len(p) for p in got["prediction"]] == [4, 3]
+
+
 # ---------------------------------------------------------------------------------------------- export
 
 
