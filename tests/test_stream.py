@@ -224,6 +224,34 @@ def test_tar_shards_read_document_starts_from_the_sidecar(tmp_path):
         assert len([m for m in tf.getmembers()]) == len(json.loads(side.read_text())["keys"])
 
 
+
+def test_a_sidecar_that_cannot_be_read_stops_instead_of_dropping_the_document_starts(tmp_path):
+    """Only a shard without a sidecar (or a sidecar without flags) reads as one document per row; a
+    sidecar that fails to download or parse is an error, not silently different state resets."""
+    from distlstm.data.errors import BadSampleError
+    from distlstm.data.stream_loader import TokenStore
+    from distlstm.data.prep import build_parser, run
+    from tests._http_server import HttpServer
+    (tmp_path / "t.txt").write_text("one two three four five six\n\nseven eight nine ten\n")
+    run(build_parser().parse_args(["--text", str(tmp_path / "t.txt"), "--doc-per", "blank-line", "--tokenizer",
+                                   "whitespace", "--seq-len", "3", "--valid-fraction", "0", "--format", "tar",
+                                   "--quiet", "--out", str(tmp_path / "d")]))
+    server = HttpServer.start(tmp_path)
+    try:
+        index = open_index(server.url("d/train/train-00000.tar"), cache_dir=tmp_path / "cache")
+        index.retries = 0
+        assert TokenStore(index)._decode(0)[1].tolist() == [True, False, False, True, False]
+        server.fail_once("d/train/train-00000.tar.idx.json", "503", times=5)
+        with pytest.raises(BadSampleError, match="idx.json"):
+            TokenStore(index)._decode(0)
+    finally:
+        server.stop()
+    side = tmp_path / "d" / "train" / "train-00000.tar.idx.json"
+    side.write_text(side.read_text()[:-5])
+    index = open_index(str(tmp_path / "d" / "train"), cache_dir=tmp_path / "cache2", verify="none")
+    with pytest.raises(BadSampleError, match="idx.json"):
+        TokenStore(index)._decode(0)
+
 def test_windows_layout_data_reads_each_row_as_a_document_and_says_so(tmp_path):
     from distlstm.data.prep import build_parser, run
     from distlstm.data.stream_loader import build_stream_loader

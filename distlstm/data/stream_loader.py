@@ -136,9 +136,17 @@ class TokenStore:
         try:
             side = json.loads(read_bytes(sidecar_url(shard), storage_options=self.index.storage_options,
                                          retries=self.index.retries))
-            flags = np.asarray(side[DOC_START_COLUMN], bool)
-        except Exception:  # noqa: BLE001 -- no sidecar or no flags in it: every sample is a document
+        except FileNotFoundError:  # no sidecar: every sample is a document
             return np.ones(rows, bool)
+        except (OSError, ValueError) as exc:
+            # Not "every sample is a document": a sidecar that failed to download or parse would
+            # silently change where the state is reset.
+            raise BadSampleError(shard, "sidecar", f"{sidecar_url(shard).rsplit('/', 1)[-1]} cannot be read "
+                                 f"({exc})", fix="check the connection, or re-create the shard and its .idx.json "
+                                 "with distlstm.prep") from exc
+        if not isinstance(side, dict) or DOC_START_COLUMN not in side:  # no flags: every sample is a document
+            return np.ones(rows, bool)
+        flags = np.asarray(side[DOC_START_COLUMN], bool)
         if len(flags) != rows:
             raise BadSampleError(shard, "sidecar", f"'{DOC_START_COLUMN}' has {len(flags)} entries for {rows} samples",
                                  fix="re-create the shard and its .idx.json with distlstm.prep")
