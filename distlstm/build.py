@@ -219,8 +219,9 @@ def total_steps(cfg: Config, index: DatasetIndex, world: World) -> int:
     an epoch-limited run, the steps the data plan gives each rank over train.max_epochs."""
     epoch_steps = 0
     if cfg.train.max_epochs and uses_stream(cfg):
+        # Only counting steps: build_loaders logs the loader's notes once, through the run's log.
         loader = build_stream_loader(index, cfg.data, dp_rank=0, dp_world_size=world.world_size, vocab_size=0,
-                                     pin_memory=False)
+                                     pin_memory=False, log=lambda msg: None)
         for epoch in range(cfg.train.max_epochs):
             epoch_steps += -(-loader.steps_per_epoch(epoch) // cfg.train.accum_steps)
     elif cfg.train.max_epochs:

@@ -252,7 +252,7 @@ def test_a_sidecar_that_cannot_be_read_stops_instead_of_dropping_the_document_st
     with pytest.raises(BadSampleError, match="idx.json"):
         TokenStore(index)._decode(0)
 
-def test_windows_layout_data_reads_each_row_as_a_document_and_says_so(tmp_path):
+def test_windows_layout_data_reads_each_row_as_a_document_and_says_so(tmp_path, capsys):
     from distlstm.data.prep import build_parser, run
     from distlstm.data.stream_loader import build_stream_loader
     from distlstm.config import DataConfig
@@ -267,6 +267,15 @@ def test_windows_layout_data_reads_each_row_as_a_document_and_says_so(tmp_path):
     # Each window's first token is a document start, so the token the windows share is a target once.
     targets = sum(int((b.targets != IGNORE_INDEX).sum()) for b in loader)
     assert targets == 800 - 1
+    # Counting an epoch's steps (the lr schedule of a train.max_epochs run) says nothing: the note
+    # comes once, through the run's log, when the loader is built.
+    from distlstm.build import total_steps
+    from distlstm.config import Config, ModelConfig, TrainConfig
+    from distlstm.world import detect_world
+    cfg = Config(model=ModelConfig(task="lm"), data=DataConfig(batch_size=3, bptt=4),
+                 train=TrainConfig(max_steps=0, max_epochs=2))
+    assert total_steps(cfg, index, detect_world({})) == 2 * 75  # 100 rows of 9 tokens: 3 rows of 300 targets
+    assert "independent windows" not in capsys.readouterr().out
 
 
 def test_too_few_targets_for_the_rows_is_a_clear_error(tmp_path):
