@@ -7,8 +7,11 @@
 The split goes through the same loader and `evaluate_model` as training's evaluations (in order,
 filler batches weigh nothing, sums over all ranks), so on the run's own validation split and the
 checkpoint of step S it reproduces the `valid` record metrics.jsonl has for step S (up to float
-summation order when the number of ranks differs). The result goes to `eval-<name>.json` in the run
-directory (or --out); nothing else in the run directory is touched.
+summation order when the number of ranks differs). An lm run in stream mode (data.lm_mode=stream)
+carries the LSTM state along `data.batch_size x ranks` rows of the split, each starting cold, so
+another number of ranks or `--data.batch_size` gives slightly different numbers (docs/design.md,
+"Language modelling: stream mode"). The result goes to `eval-<name>.json` in the run directory (or
+--out); nothing else in the run directory is touched.
 """
 
 from __future__ import annotations

@@ -200,7 +200,15 @@ def resume(cfg: Config, trainer: Trainer, checkpoints, log) -> None:
     trainer.resumed(loaded)
     log(f"resumed from {loaded['path']} at step {trainer.state.step} "
         f"(saved by {loaded['world_size']} ranks, now {trainer.world.world_size}); "
-        f"data position epoch {trainer.train_loader.epoch}, batch {trainer.train_loader.consumed}")
+        f"data position {_data_position(trainer.train_loader)}")
+
+
+def _data_position(loader) -> str:
+    """`loader.consumed` counts global batches, or in lm stream mode the targets of every row."""
+    from distlstm.data.stream_loader import StreamLoader
+    if isinstance(loader, StreamLoader):
+        return f"epoch {loader.epoch}, {loader.consumed} targets into every stream row"
+    return f"epoch {loader.epoch}, batch {loader.consumed}"
 
 
 def finish(trainer: Trainer, run_dir: Path, result: dict, world: World, log) -> None:
