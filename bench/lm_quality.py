@@ -1,13 +1,14 @@
 """Language-model quality: distlstm's stream mode against windows mode and a textbook stateful loop.
 
-    python bench/lm_quality.py                      # 200 x 2 LSTM, 5000 words, 6 epochs: ~35 min on 2 CPU cores
-    python bench/lm_quality.py --epochs 1           # a smoke run: a few minutes
+    python bench/lm_quality.py                      # 200 x 2 LSTM, 5000 words, 12 epochs: ~14 min on 2 idle CPU cores
+    python bench/lm_quality.py --epochs 1           # a smoke run: about a minute
+    python bench/lm_quality.py --hidden 400 --dropout 0.5 --runs ab   # a larger model, (a) and (b) only
     python bench/lm_quality.py --epochs 39 --hidden 650 --dropout 0.5 --max-vocab 0   # the full-size recipe (a GPU)
 
 Data: tiny Shakespeare (../shared/data), word level: `python -m distlstm.prep --tokenizer whitespace`
-(split on whitespace, <eos> at each line end), the last 10% of the text as validation. All three runs
-train the same model shape on the same token ids for the same number of training tokens, with the
-classic recipe of Zaremba et al. / pytorch/examples word_language_model (SGD lr 20, gradient clip
+(split on whitespace, <eos> at each line end), the last 10% of the text as validation. All runs
+train the same model shape on the same token ids for the same number of training tokens; (a), (b)
+and (c) with the classic recipe of Zaremba et al. / pytorch/examples word_language_model (SGD lr 20, gradient clip
 0.25, lr / 4 when the validation loss does not improve, batch 20, bptt 35, dropout on the
 embeddings, between the layers and before the head), in one run:
 
@@ -15,12 +16,18 @@ embeddings, between the layers and before the head), in one run:
   (b) distlstm, data.lm_mode=windows: independent 35-target windows (prep --lm-layout windows), 20 per step;
   (c) a plain textbook stateful loop written below (batchify / get_batch / repackage_hidden), no distlstm
       code; its model is initialised as distlstm's is, so that (a) and (c) differ only in the loop
-      (--textbook-init: as pytorch/examples initialises it).
+      (--textbook-init: as pytorch/examples initialises it);
+  (b') (run "d") windows mode as a user ran it before stream mode: (b) with distlstm's default
+      optimizer (AdamW lr 3e-3, weight decay 0.01, 30 warmup steps, cosine, clip 1), the setting of
+      the issue's observation ("1.5x higher, and then it rose").
 
-Prints the three validation perplexities (each run's last evaluation; (a) and (c) carry the state
-over the whole validation stream in 20 rows, (b) evaluates each window from a zero state, as that
-mode trains) and checks the targets: (a) within 3% of (c), and (a) at least 15% below (b).
-Exit status 0 either way (a measurement, not a gate).
+Prints the validation perplexities, best and last (one evaluation per epoch; (a) and (c)
+carry the state over the whole validation stream in 20 rows, (b) and (b') evaluate each window from a
+zero state, as that mode trains), and checks the targets on the best of each run (the textbook protocol:
+pytorch/examples keeps the model of its best epoch; at lr 20 one epoch's perplexity moves by several
+percent, and 12 epochs let the plateau schedule settle: 2 seeds of (c) ended 1.8% apart). The
+targets: (a) within 3% of (c), and (a) at least 15% below (b), printed against (b') too. Exit status
+0 either way (a measurement, not a gate).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -148,6 +156,7 @@ def stream_ids(split: Path) -> np.ndarray:
 
 def distlstm_run(name: str, data: Path, extra: list[str], common: list[str], work: Path, env: dict) -> dict:
     run_dir = work / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a finished run there would be kept, not trained again
     cmd = [sys.executable, "-m", "distlstm.train", "--data.train", str(data / "train"),
            "--data.valid", str(data / "valid"), "--train.run_dir", str(run_dir), "--checkpoint.resume", "never",
            *common, *extra]
@@ -158,8 +167,10 @@ def distlstm_run(name: str, data: Path, extra: list[str], common: list[str], wor
     final = json.loads((run_dir / "final.json").read_text())
     valid = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in valid if r["kind"] == "valid"]
-    return {"ppl": final["valid_perplexity"], "tokens": final["tokens"], "steps": final["step"],
-            "seconds": time.perf_counter() - start, "curve": [math.exp(v) for v in losses]}
+    curve = [math.exp(v) for v in losses]
+    assert math.isclose(curve[-1], final["valid_perplexity"], rel_tol=1e-6), (curve[-1], final)
+    return {"ppl": min(curve), "last": curve[-1], "tokens": final["tokens"], "steps": final["step"],
+            "seconds": time.perf_counter() - start, "curve": curve}
 
 
 def windows_steps_per_epoch(split: Path, bsz: int, bptt: int) -> int:
@@ -174,7 +185,7 @@ def windows_steps_per_epoch(split: Path, bsz: int, bptt: int) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=200, help="embedding and LSTM size (650: the 'medium' model)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dropout", type=float, default=0.2, help="0.5 for the 650 model")
@@ -182,6 +193,8 @@ def main() -> int:
     ap.add_argument("--textbook-init", action="store_true", help="(c) initialised as pytorch/examples does, "
                     "not as distlstm does")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    ap.add_argument("--runs", default="abcd", help="which runs to train (a, b, c as above; d: (b') windows mode "
+                    "with distlstm's default optimizer); the targets are printed for the pairs that ran")
     ap.add_argument("--work", default="bench-lm-quality", help="scratch folder (prepared data, run directories)")
     a = ap.parse_args()
     if not TEXT.is_file():
@@ -198,43 +211,58 @@ def main() -> int:
     vocab = json.loads((work / "stream" / "train" / "manifest.json").read_text())["vocab_size"]
     steps_per_epoch = -(-(len(train_ids) - 1) // (bsz * bptt))
     windows_steps = windows_steps_per_epoch(work / "windows" / "train", bsz, bptt)
-    common = ["--model.task", "lm", "--model.embed_size", str(a.hidden), "--model.hidden_size", str(a.hidden),
-              "--model.num_layers", str(a.layers), "--model.dropout", str(a.dropout),
-              "--model.embed_dropout", str(a.dropout), "--optim.name", "sgd", "--optim.lr", "20",
-              "--optim.weight_decay", "0", "--optim.warmup_steps", "0", "--optim.grad_clip", "0.25",
-              "--optim.schedule", "plateau", "--optim.plateau_factor", "0.25", "--optim.plateau_patience", "1",
-              "--train.max_steps", "0", "--train.max_epochs", str(a.epochs), "--data.num_workers", "1",
-              "--log.progress", "false", "--log.tensorboard", "false", "--log.every_steps", "50",
-              "--checkpoint.at_end", "false", "--train.threads", str(a.threads)]
+    run_args = ["--model.task", "lm", "--model.embed_size", str(a.hidden), "--model.hidden_size", str(a.hidden),
+                "--model.num_layers", str(a.layers), "--model.dropout", str(a.dropout),
+                "--model.embed_dropout", str(a.dropout), "--train.max_steps", "0", "--train.max_epochs", str(a.epochs),
+                "--data.num_workers", "1", "--log.progress", "false", "--log.tensorboard", "false",
+                "--log.every_steps", "50", "--checkpoint.at_end", "false", "--train.threads", str(a.threads)]
+    classic = ["--optim.name", "sgd", "--optim.lr", "20", "--optim.weight_decay", "0", "--optim.warmup_steps", "0",
+               "--optim.grad_clip", "0.25", "--optim.schedule", "plateau", "--optim.plateau_factor", "0.25",
+               "--optim.plateau_patience", "1"]
+    windows = ["--data.lm_mode", "windows", "--data.max_length", str(bptt + 1), "--data.max_tokens",
+               str(bsz * (bptt + 1)), "--data.min_batch_size", str(bsz), "--data.max_batch_size", str(bsz),
+               "--train.eval_every", str(windows_steps)]
     results = {}
-    results["a"] = distlstm_run("a-stream", work / "stream", [
-        "--data.lm_mode", "stream", "--data.batch_size", str(bsz), "--data.bptt", str(bptt),
-        "--train.eval_every", str(steps_per_epoch)], common, work, env)
-    results["b"] = distlstm_run("b-windows", work / "windows", [
-        "--data.lm_mode", "windows", "--data.max_length", str(bptt + 1), "--data.max_tokens", str(bsz * (bptt + 1)),
-        "--data.min_batch_size", str(bsz), "--data.max_batch_size", str(bsz),
-        "--train.eval_every", str(windows_steps)], common, work, env)
-    start = time.perf_counter()
-    curve = reference(train_ids, valid_ids, vocab=vocab, size=a.hidden, layers=a.layers, dropout=a.dropout,
-                      epochs=a.epochs, lr=20.0, clip=0.25, bptt=bptt, bsz=bsz, seed=0, textbook_init=a.textbook_init)
-    results["c"] = {"ppl": math.exp(curve[-1]), "tokens": a.epochs * (len(train_ids) // bsz - 1) * bsz,
-                    "steps": a.epochs * steps_per_epoch, "seconds": time.perf_counter() - start,
-                    "curve": [math.exp(v) for v in curve]}
+    if "a" in a.runs:
+        results["a"] = distlstm_run("a-stream", work / "stream", [
+            *classic, "--data.lm_mode", "stream", "--data.batch_size", str(bsz), "--data.bptt", str(bptt),
+            "--train.eval_every", str(steps_per_epoch)], run_args, work, env)
+    if "b" in a.runs:
+        results["b"] = distlstm_run("b-windows", work / "windows", [*classic, *windows], run_args, work, env)
+    if "d" in a.runs:  # distlstm's default optimizer: AdamW, warmup, cosine, clip 1
+        results["d"] = distlstm_run("d-windows-defaults", work / "windows", windows, run_args, work, env)
+    if "c" in a.runs:
+        start = time.perf_counter()
+        curve = [math.exp(v) for v in reference(
+            train_ids, valid_ids, vocab=vocab, size=a.hidden, layers=a.layers, dropout=a.dropout, epochs=a.epochs,
+            lr=20.0, clip=0.25, bptt=bptt, bsz=bsz, seed=0, textbook_init=a.textbook_init)]
+        results["c"] = {"ppl": min(curve), "last": curve[-1], "tokens": a.epochs * (len(train_ids) // bsz - 1) * bsz,
+                        "steps": a.epochs * steps_per_epoch, "seconds": time.perf_counter() - start, "curve": curve}
 
     print(f"\ntiny Shakespeare, whitespace words (vocab {vocab}, same ids in all runs: {same_vocab}), "
           f"{len(train_ids)} train / {len(valid_ids)} valid tokens; {a.layers} x {a.hidden} LSTM, dropout "
           f"{a.dropout}, SGD lr 20, clip 0.25, lr/4 on plateau, batch {bsz}, bptt {bptt}, {a.epochs} epochs")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
-    names = {"a": "(a) distlstm stream", "b": "(b) distlstm windows", "c": "(c) textbook loop"}
-    print(f"{'run':24s} {'valid ppl':>10s} {'train tokens':>13s} {'steps':>6s} {'seconds':>8s}  per-epoch ppl")
-    for k, name in names.items():
-        r = results[k]
-        print(f"{name:24s} {r['ppl']:10.2f} {r['tokens']:13d} {r['steps']:6d} {r['seconds']:8.1f}  "
-              + " ".join(f"{v:.1f}" for v in r["curve"]))
-    a_c = results["a"]["ppl"] / results["c"]["ppl"]
-    a_b = results["a"]["ppl"] / results["b"]["ppl"]
-    print(f"(a)/(c) = {a_c:.3f}  target within 3% (0.97..1.03): {'PASS' if abs(a_c - 1) <= 0.03 else 'FAIL'}")
-    print(f"(a)/(b) = {a_b:.3f}  target <= 0.85: {'PASS' if a_b <= 0.85 else 'FAIL'}")
+    names = {"a": "(a) distlstm stream", "b": "(b) distlstm windows", "c": "(c) textbook loop",
+             "d": "(b') windows, defaults"}
+    print(f"{'run':24s} {'best ppl':>9s} {'last ppl':>9s} {'train tokens':>13s} {'steps':>6s} {'seconds':>8s}  "
+          "per-epoch valid ppl")
+    for k, r in results.items():
+        print(f"{names[k]:24s} {r['ppl']:9.2f} {r['last']:9.2f} {r['tokens']:13d} {r['steps']:6d} "
+              f"{r['seconds']:8.1f}  " + " ".join(f"{v:.1f}" for v in r["curve"]))
+    print("The targets compare each run's best validation perplexity (the textbook protocol: pytorch/examples "
+          "keeps the model of its best epoch).")
+    if "a" in results and "c" in results:
+        a_c = results["a"]["ppl"] / results["c"]["ppl"]
+        print(f"(a)/(c) = {a_c:.3f}  target within 3% (0.97..1.03): {'PASS' if abs(a_c - 1) <= 0.03 else 'FAIL'}")
+    if "a" in results and "b" in results:
+        a_b = results["a"]["ppl"] / results["b"]["ppl"]
+        print(f"(a)/(b) = {a_b:.3f}  target <= 0.85: {'PASS' if a_b <= 0.85 else 'FAIL'}  (windows mode, the same "
+              "recipe: the carried state is the only difference)")
+    if "a" in results and "d" in results:
+        a_d = results["a"]["ppl"] / results["d"]["ppl"]
+        print(f"(a)/(b') = {a_d:.3f}  target <= 0.85: {'PASS' if a_d <= 0.85 else 'FAIL'}  (windows mode with "
+              "distlstm's default optimizer, as the issue's user ran it before stream mode)")
     return 0
 
 
