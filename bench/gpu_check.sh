@@ -4,10 +4,13 @@
 #   summary of launches per step (bench/gpu_profile.py), the fixed-shape trainer/bare ratio
 #   (bench/train_step.py) and the host cost per step (bench/host_path.py). Every log goes to $OUT.
 #
-#   OUT=/some/dir bash bench/gpu_check.sh          # full sizes (about 8 minutes on an H100)
+#   OUT=/some/dir bash bench/gpu_check.sh          # full sizes (duration not measured yet: no GPU so far;
+#                                                  # the parts' limits below add up to 20 minutes)
 #   TINY=1 OUT=/tmp/x bash bench/gpu_check.sh      # small sizes: a smoke run, also on a CPU
 #   PARTS="tests e2e" bash bench/gpu_check.sh      # a subset: env tests e2e profile train_step host
 #
+# Where one command may run at most 10 minutes, run it as two: PARTS="env tests profile train_step"
+# and PARTS="e2e host": at most 10 minutes each by the limits.
 # Each part has its own time limit; a failing part is reported and the next one still runs. The
 # exit status is the number of parts that failed. Read $OUT/summary.txt first.
 set -uo pipefail
@@ -37,7 +40,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run COMMAND, log to $OUT/NAME.log, rec
 }
 
 part env 60 bash -c 'nvidia-smi || true; python -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version()); print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA\")"; lscpu | grep -E "Model name|^CPU\(s\)"; date -u'
-part tests 300 python -m pytest -q -rs tests/test_gpu.py
+part tests 240 python -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_stateful.py
 part e2e 420 python bench/gpu_e2e.py $SIZE --out "$OUT/gpu_e2e.json"
 part profile 180 python bench/gpu_profile.py $SIZE --out "$OUT/traces"
 part train_step 120 python bench/train_step.py $STEP_SIZE

@@ -1,5 +1,6 @@
 """GPU path (opt-in: skipped without CUDA; CI has none). Run on a CUDA machine with
-`python -m pytest -q tests/test_gpu.py` (bench/gpu_check.sh runs it with the GPU benchmarks).
+`python -m pytest -q tests/test_gpu.py` (bench/gpu_check.sh runs it, and the stream-mode GPU tests of
+tests/test_stateful.py, with the GPU benchmarks).
 
 A failure means the cuDNN LSTM breaks padding invariance, bf16/fp16 autocast (with the GradScaler
 for fp16) does not train on the GPU, a step replayed from a CUDA graph updates the parameters
