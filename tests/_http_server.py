@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,12 @@ class _Server(ThreadingHTTPServer):
     # socketserver's default backlog of 5 drops the SYNs of a client opening a few connections at
     # once (the loader's fetch threads), which then wait 1 s to retry: production servers use 511+.
     request_queue_size = 128
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that closes its connection (a reader that stopped after a fault the test injected,
+        # a worker shut down mid-read) is not a server error: no traceback in the test output.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 @dataclass
@@ -199,7 +206,6 @@ def _make_handler(server: HttpServer):
 if __name__ == "__main__":
     # python tests/_http_server.py ROOT [--no-ranges]: serve ROOT in a process of its own (so that
     # a benchmark's server threads do not share a GIL with the loader it measures); prints the port.
-    import sys
     import time
 
     server = HttpServer.start(Path(sys.argv[1]), ranges="--no-ranges" not in sys.argv)
