@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from distlstm.config import AUTO, CPU_MAX_TOKENS
 from distlstm.data.batch import Batch, Chunk
@@ -35,7 +35,7 @@ from distlstm.data.index import DatasetIndex
 from distlstm.data.plan import EpochPlan, PlanParams
 from distlstm.data.fetch import WindowFetcher
 from distlstm.data.prefetch import prefetch_to_device
-from distlstm.data.workers import WorkerFailure, raise_worker_failures, track_workers, worker_init
+from distlstm.data.workers import WorkerFailure, worker_batches
 from distlstm.tasks import Task, _per_sample_any, get_task
 
 STATE_VERSION = 2  # 2: + "streams"; a version 1 state was saved with one stream
@@ -409,24 +409,11 @@ class BatchLoader:
         stream = _Stream(self.index, self.params_for, self.assembler, seed=self.seed, dp_rank=self.dp_rank,
                          dp_world_size=self.dp_world_size, epoch=self.epoch, consumed=self.consumed,
                          max_epochs=self.max_epochs)
-        workers = self.num_workers
-        if workers:
-            # A generator of its own: by default, starting the workers draws their base seed from the
-            # global torch RNG, which also drives dropout, so a resumed run's dropout would shift.
-            batches = iter(DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                                      prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                                      generator=torch.Generator().manual_seed(self.seed),
-                                      worker_init_fn=worker_init))
-            track_workers(batches)
-        else:  # in-process: the DataLoader would only add per-batch overhead
-            batches = (b.pin_memory() if self.pin_memory else b for b in iter(stream))
-        source = batches
-        if workers:
-            batches = raise_worker_failures(batches)
-        if self.device is not None:
-            batches = prefetch_to_device(batches, self.device)
-        checked = None
-        try:
+        with worker_batches(stream, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor, seed=self.seed) as batches:
+            if self.device is not None:
+                batches = prefetch_to_device(batches, self.device)
+            checked = None
             for batch in batches:
                 batch = batch.as_tensors()
                 if batch.epoch != checked and self.agree is not None:
@@ -439,14 +426,6 @@ class BatchLoader:
                 plan_done = batch.consumed >= self._num_batches(batch.epoch)
                 self.epoch, self.consumed = (batch.epoch + 1, 0) if plan_done else (batch.epoch, batch.consumed)
                 yield batch
-        finally:
-            # Stop the workers now. After a worker error the exception's traceback keeps the
-            # DataLoader iterator alive, and its delayed shutdown waits 5 s per worker.
-            if batches is not source:
-                batches.close()
-            shutdown = getattr(source, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
 
     def _num_batches(self, epoch: int) -> int:
         cached = getattr(self, "_counts", {})

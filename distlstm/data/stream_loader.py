@@ -20,14 +20,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from distlstm.data.batch import Batch
 from distlstm.data.errors import BadSampleError
 from distlstm.data.index import DatasetIndex
 from distlstm.data.stream import DOC_START_COLUMN, StreamLayout, StreamParams
-from distlstm.data.workers import WorkerFailure, raise_worker_failures, track_workers, worker_init
+from distlstm.data.workers import WorkerFailure, worker_batches
 from distlstm.tasks import IGNORE_INDEX
 
 STATE_VERSION = 1
@@ -275,20 +274,11 @@ class StreamLoader:
         dataset = _StreamDataset(self.index, self.params, seed=self.seed, dp_rank=self.dp_rank, rows=self.rows,
                                  vocab_size=self.vocab_size, max_epochs=self.max_epochs,
                                  start=(self.epoch, self.relayouts, self.segments, self.offset))
-        if self.num_workers:
-            # Workers as the windows loader has them (distlstm/data/workers.py): their own generator (the
-            # global torch RNG drives dropout), stop signals left to the trainer, errors shipped whole.
-            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                      pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                                      generator=torch.Generator().manual_seed(self.seed), worker_init_fn=worker_init))
-            track_workers(batches)
-        else:
-            batches = (b.pin_memory() if self.pin_memory else b for b in iter(dataset))
-        source = batches
-        if self.num_workers:
-            batches = raise_worker_failures(batches)
-        checked = None
-        try:
+        # Workers as the windows loader has them (distlstm/data/workers.py): stop signals left to the
+        # trainer, errors shipped whole, their own generator.
+        with worker_batches(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor, seed=self.seed) as batches:
+            checked = None
             for batch in batches:
                 batch = batch.as_tensors()
                 if self.agree is not None and checked != (self.epoch, self.relayouts):
@@ -300,12 +290,6 @@ class StreamLoader:
                     checked = (self.epoch, self.relayouts)
                 self._advance(batch)
                 yield batch
-        finally:
-            if batches is not source:
-                batches.close()
-            shutdown = getattr(source, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
 
     def _advance(self, batch: Batch) -> None:
         if batch.epoch != self.epoch:  # the first batch of the next epoch: its fresh layout

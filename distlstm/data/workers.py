@@ -7,6 +7,8 @@ process, and that none outlives it.
   with the trainer instead (PR_SET_PDEATHSIG), and leftovers are SIGKILLed at exit.
 - `WorkerFailure`: an exception in a worker travels to the main process whole, instead of being
   rebuilt there from torch's 18-line "Caught X in DataLoader worker process 0" text.
+- `worker_batches`: a loader's batches from its workers (or from its own process), all of the above
+  applied, the workers stopped when the loader stops.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import os
 import signal
 import threading
 import weakref
-from typing import Iterator
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader
 
 
 def worker_init(worker_id: int) -> None:
@@ -98,6 +104,33 @@ class WorkerFailure:
 
     def reraise(self) -> None:
         raise self.exc from WorkerTraceback(self.traceback_text)
+
+
+@contextmanager
+def worker_batches(dataset: Iterable, *, num_workers: int, pin_memory: bool, prefetch_factor: int | None,
+                   seed: int) -> Iterator[Iterator]:
+    """The batches of `dataset` (an IterableDataset yielding whole batches) from `num_workers`
+    DataLoader worker processes, or from this process with 0 (where the DataLoader would only add
+    per-batch overhead). Workers get a generator of their own: by default, starting them draws their
+    base seed from the global torch RNG, which also drives dropout, so a resumed run's dropout would
+    shift. On leaving the `with` the workers are stopped at once: after a worker error the
+    exception's traceback keeps the DataLoader iterator alive, and its delayed shutdown waits 5 s
+    per worker."""
+    if num_workers:
+        source = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                 prefetch_factor=prefetch_factor, persistent_workers=False,
+                                 generator=torch.Generator().manual_seed(seed), worker_init_fn=worker_init))
+        track_workers(source)
+        batches = raise_worker_failures(source)
+    else:
+        source = batches = (b.pin_memory() if pin_memory else b for b in iter(dataset))
+    try:
+        yield batches
+    finally:
+        batches.close()
+        shutdown = getattr(source, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def raise_worker_failures(batches: Iterator) -> Iterator:
