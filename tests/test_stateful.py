@@ -26,6 +26,7 @@ from distlstm.stateful import StateCarrier
 from distlstm.tasks import IGNORE_INDEX, get_task
 from distlstm.trainer import Trainer, build_optimizer, evaluate_model
 from distlstm.world import detect_world
+from helpers import free_port
 from tests._stream_data import doc_starts, documents, write_stream_parquet
 
 CPU = torch.device("cpu")
@@ -286,9 +287,12 @@ def test_the_carried_forward_applies_every_layer_the_plain_forward_does():
     assert not torch.equal(model(x, torch.full((3,), 9)), plain), "dropout should make the draws matter"
 
 
-def test_too_long_chunk_trains_whole_samples_through_the_cli(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_too_long_chunk_trains_whole_samples_through_the_cli(tmp_path, nproc):
     """`--data.too_long chunk` end to end (tag, raw Parquet): one epoch trains every step of every
-    sample, the long ones included (with truncate it would be the first max_length steps of each)."""
+    sample, the long ones included (with truncate it would be the first max_length steps of each).
+    Under torchrun too: the pieces before a sample's last skip DDP's all-reduce (no_sync), with
+    DDP's static_graph on (train.ddp_static_graph=auto at accum_steps 1)."""
     import json
     import os
     import subprocess
@@ -305,7 +309,9 @@ def test_too_long_chunk_trains_whole_samples_through_the_cli(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "DISTLSTM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "distlstm.train", "--data.train", str(tmp_path / "tag.parquet"),
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    proc = subprocess.run(launcher + ["-m", "distlstm.train", "--data.train", str(tmp_path / "tag.parquet"),
                            "--model.task", "tag", "--data.label_column", "tags", "--model.num_classes", "3",
                            "--model.hidden_size", "16",
                            "--model.embed_size", "8", "--data.max_length", "32", "--data.too_long", "chunk",
