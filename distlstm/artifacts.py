@@ -195,13 +195,15 @@ def load_checkpoint_weights(model: nn.Module, path: Path) -> None:
     set_model_state_dict(model, state["model"])
 
 
-def _run_config(run_dir: Path) -> Config:
-    if (run_dir / CONFIG).is_file():
-        return config_from_dict(json.loads((run_dir / CONFIG).read_text())["config"])
+def run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
+    """A run's saved (resolved) config, config.toml else the model card's copy, with `overrides`
+    applied."""
     if (run_dir / "config.toml").is_file():
-        return load_config(run_dir / "config.toml")
-    raise ValueError(f"{run_dir} has neither {CONFIG} nor config.toml: not a distlstm run directory, checkpoint "
-                     f"or exported model")
+        return load_config(run_dir / "config.toml", list(overrides))
+    if (run_dir / CONFIG).is_file():
+        return config_from_dict(json.loads((run_dir / CONFIG).read_text())["config"], list(overrides))
+    raise ConfigError(f"{run_dir} has neither config.toml nor {CONFIG}: not a distlstm run directory, checkpoint "
+                      f"or exported model (give the folder python -m distlstm.train printed as 'run directory')")
 
 
 def load(path: str | Path, *, checkpoint: str | None = None, device: str | torch.device = "cpu") -> Loaded:
@@ -213,7 +215,7 @@ def load(path: str | Path, *, checkpoint: str | None = None, device: str | torch
         raise FileNotFoundError(f"{path} does not exist (expected a run directory, a checkpoint or an exported model)")
     is_checkpoint = (path / ".metadata").is_file() or (path / "MANIFEST.json").is_file()  # checkpoints/step-N
     run_dir = path.parent.parent if is_checkpoint else path
-    cfg = _run_config(run_dir)
+    cfg = run_config(run_dir)
     ckpt = path if is_checkpoint else None
     if not is_checkpoint and (checkpoint is not None or not (path / WEIGHTS).is_file()):
         ckpt = resolve_checkpoint(run_dir, checkpoint or "latest")

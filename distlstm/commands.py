@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from distlstm.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
+from distlstm.config import Config, ConfigError
 from distlstm.world import World
 
 CHECKPOINT_HELP = ("which weights: final (the run's model.safetensors), latest, best (checkpoint.keep_best), "
@@ -55,19 +55,8 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def run_config(path: Path, overrides: list[str]) -> Config:
-    """The run's saved (resolved) config with `overrides` applied."""
-    if (path / "config.toml").is_file():
-        return load_config(path / "config.toml", overrides)
-    if (path / "config.json").is_file():
-        return config_from_dict(json.loads((path / "config.json").read_text())["config"], overrides)
-    raise ConfigError(f"{path} has neither config.toml nor config.json: not a distlstm run directory "
-                      f"(give the folder python -m distlstm.train printed as 'run directory')")
-
-
 @dataclass
 class Session:
-    cfg: Config
     world: World
     device: torch.device
     group: Any
@@ -91,7 +80,7 @@ def session(cfg: Config) -> Iterator[Session]:
     log = (lambda msg: print(msg, flush=True)) if world.is_leader else (lambda msg: None)
     ok = False
     try:
-        yield Session(cfg, world, device, control_group(backend), log)
+        yield Session(world, device, control_group(backend), log)
         ok = True
     finally:
         destroy_process_group(barrier=ok)
@@ -126,6 +115,3 @@ def load_weights(model: torch.nn.Module, run_dir: Path, which: str | None) -> di
     step = json.loads((path / "MANIFEST.json").read_text())["step"]
     return {"checkpoint": path.name, "step": step, "path": str(path)}
 
-
-def check_overrides(overrides: list[str]) -> None:
-    parse_overrides(overrides)  # raises ConfigError naming a malformed option

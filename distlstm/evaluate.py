@@ -20,7 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser, run_config, session, split_overrides
+from distlstm.artifacts import run_config
+from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser, session, split_overrides
 
 
 def split_name(spec: str) -> str:

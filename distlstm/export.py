@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser, run_config
+from distlstm.artifacts import run_config
+from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 TORCHSCRIPT = "model.torchscript.pt"

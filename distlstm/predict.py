@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser, run_config, session, split_overrides
+from distlstm.artifacts import run_config
+from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser, session, split_overrides
 from distlstm.tasks import IGNORE_INDEX, Task
 
 

@@ -65,9 +65,9 @@ def _debug_mode(cfg: Config) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def resolve_run_dir(cfg: Config, world: World, group, config_name: str = "default") -> Path:
-    """The run directory, the same on every rank: train.run_dir, else derived from the config (see
-    distlstm/rundir.py), so that starting the same command again resumes the same run."""
+def resolve_run_dir(cfg: Config, config_name: str = "default") -> Path:
+    """The run directory, the same on every rank (every rank has the same config): train.run_dir,
+    else derived from the config (distlstm/rundir.py), so that the same command again resumes it."""
     from distlstm.rundir import default_run_dir
     run_dir = Path(cfg.train.run_dir or default_run_dir(cfg, config_name))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def run(cfg: Config, world: World, device: torch.device, backend: str, config_na
         torch.set_num_threads(cfg.train.threads)
     _debug_mode(cfg)
     group = control_group(backend)
-    run_dir = resolve_run_dir(cfg, world, group, config_name)
+    run_dir = resolve_run_dir(cfg, config_name)
     from distlstm.rundir import finished_message
     done = finished_message(cfg, run_dir)
     if done:
