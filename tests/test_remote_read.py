@@ -86,6 +86,20 @@ def served(tmp_path, http_server):
     return http_server, index, cache
 
 
+def test_indexing_asks_each_shard_for_its_size_once(served):
+    """The manifest check (data.verify=size) and the index cache's key need the same size and date:
+    one request per shard, not one for each (on an object store each is a round trip, per rank)."""
+    server, index, cache = served
+    for verify in ("size", "none"):
+        again = open_index(server.url("pq/train/"), cache_dir=cache, verify=verify)
+        assert again.fingerprint() == index.fingerprint()
+        log = server.take_log()
+        for shard in index.shards:
+            name = shard[shard.index("pq/train/"):]
+            stats = [r for r in log if r.path == "/" + name]
+            assert len(stats) == 1 and stats[0].method == "HEAD", (verify, name, stats)
+
+
 @pytest.mark.timeout(120)
 def test_two_ranks_two_workers_fetch_every_chunk_exactly_once(served, tmp_path):
     """Default data config (data.streams=auto): 2 simulated ranks x 2 real DataLoader worker

@@ -122,11 +122,11 @@ def _cache_key(url: str, column: str, info: dict) -> str:
 
 
 def _shard_layout(url: str, fmt: str, column: str, cache: Path | None, storage_options, retries,
-                  whole_max_mb: float = WHOLE_FILE_MAX_MB):
+                  whole_max_mb: float = WHOLE_FILE_MAX_MB, info: dict | None = None):
     """(rows per chunk, lengths, size, cache entry holding the footer) of one shard, from the cache
-    when the file is unchanged. A remote Parquet shard's footer is kept in its cache entry, so that
-    the loader's processes need not fetch it again."""
-    info = file_info(url, storage_options=storage_options, retries=retries)
+    when the file is unchanged (`info`: its `file_info`, if already read). A remote Parquet shard's
+    footer is kept in its cache entry, so that the loader's processes need not fetch it again."""
+    info = info or file_info(url, storage_options=storage_options, retries=retries)
     path = None
     if cache is not None:
         path = cache / "index" / f"{_cache_key(url, column, info)}.npz"
@@ -187,9 +187,13 @@ def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label
                                                                  retries=retries)
     if not shards:
         raise ValueError(f"no shards found for {redact(spec)}")
-    if manifest:
+    # Each shard's size and date, read once: for the manifest check and for the index cache's key.
+    infos = [None] * len(shards)
+    if manifest and verify != "none":
         from distlstm.data.verify import verify_shards
-        verify_shards(shards, manifest.shards, verify, storage_options=storage_options, retries=retries)
+        infos = [file_info(u, storage_options=storage_options, retries=retries) for u in shards]
+        verify_shards(shards, manifest.shards, verify, infos=infos, storage_options=storage_options,
+                      retries=retries)
     known = manifest.format if manifest and manifest.format else "auto"
     formats = [shard_format(s, known if fmt == "auto" else fmt) for s in shards]
     column = sequence_column or (manifest and manifest.sequence_column) or _default_column(
@@ -202,7 +206,7 @@ def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label
     chunk_shard, chunk_local, rows_all, lengths_all, sizes, footers = [], [], [], [], [], []
     for s, (url, f) in enumerate(zip(shards, formats)):
         rows, lengths, size, footer = _shard_layout(url, f, column, cache, storage_options, retries,
-                                                    whole_shard_max_mb)
+                                                    whole_shard_max_mb, info=infos[s])
         sizes.append(size)
         footers.append(footer)
         chunk_shard += [s] * len(rows)

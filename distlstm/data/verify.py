@@ -11,23 +11,24 @@ from __future__ import annotations
 import hashlib
 
 from distlstm.data.errors import BadSampleError
-from distlstm.data.sources import file_info, open_file, redact
+from distlstm.data.sources import open_file, redact
 
 _FIX = "restore the shard, or re-run distlstm.prep to rebuild the dataset and its manifest.json"
 
 
-def verify_shards(shards: list[str], entries: list, mode: str, *, storage_options: dict | None = None,
-                  retries: int = 3) -> None:
+def verify_shards(shards: list[str], entries: list, mode: str, *, infos: list[dict],
+                  storage_options: dict | None = None, retries: int = 3) -> None:
     """Raise BadSampleError for the first shard whose size (or sha256) differs from its manifest
-    entry (`distlstm.data.manifest.ShardInfo`: `bytes` and `sha256`, either may be None)."""
+    entry (`distlstm.data.manifest.ShardInfo`: `bytes` and `sha256`, either may be None). `infos`:
+    each shard's `file_info`, which the index reads anyway."""
     if mode == "none":
         return
     if mode not in ("size", "sha256"):
         raise ValueError(f"data.verify={mode!r}: choose size, sha256 or none")
-    for url, entry in zip(shards, entries):
+    for url, entry, info in zip(shards, entries, infos):
         want_bytes = getattr(entry, "bytes", None)
         if want_bytes is not None:
-            got = file_info(url, storage_options=storage_options, retries=retries)["size"]
+            got = info["size"]
             if got is not None and got != want_bytes:
                 raise BadSampleError(redact(url), "file", f"{got} bytes, but manifest.json says {want_bytes} "
                                      "(the shard changed after prep)", fix=_FIX + " (or --data.verify none)")
