@@ -238,6 +238,7 @@ class StreamLoader:
     def rewind(self) -> None:
         """Back to the start of epoch 0 (the validation loader, before each evaluation)."""
         self.epoch, self.relayouts, self.segments, self.offset = 0, 0, None, 0
+        self._row_length_of: tuple[np.ndarray | None, int] | None = None
 
     @property
     def consumed(self) -> int:
@@ -246,6 +247,13 @@ class StreamLoader:
 
     def make_layout(self, segments: np.ndarray | None = None) -> StreamLayout:
         return make_layout(self.num_tokens, self.rows, segments)
+
+    def _row_length(self) -> int:
+        """Targets per row of the current layout, computed when the layout changes, not per batch
+        (the segments are replaced, never changed in place)."""
+        if self._row_length_of is None or self._row_length_of[0] is not self.segments:
+            self._row_length_of = (self.segments, self.make_layout(self.segments).row_length)
+        return self._row_length_of[1]
 
     def layout_key(self) -> str:
         """Where the next batch continues: the carried LSTM state belongs to exactly this."""
@@ -295,7 +303,7 @@ class StreamLoader:
         if batch.epoch != self.epoch:  # the first batch of the next epoch: its fresh layout
             self.epoch, self.relayouts, self.segments = batch.epoch, 0, None
         self.offset = batch.consumed
-        if self.offset >= self.make_layout(self.segments).row_length:
+        if self.offset >= self._row_length():
             self.epoch, self.relayouts, self.segments, self.offset = self.epoch + 1, 0, None, 0
 
     # ---- checkpoint
@@ -330,15 +338,16 @@ class StreamLoader:
         saved = StreamLayout.initial(self.num_tokens, int(state["rows"])) if segments is None else \
             StreamLayout(segments, int(state["rows"]))
         rest = saved.remaining(self.offset)
+        left = int(sum(rest[:, 1] - rest[:, 0]))
         self.log(f"stream: the checkpoint has {int(state['rows'])} rows ({state['world_size']} ranks), this run "
-                 f"{self.rows}: the {int(sum(rest[:, 1] - rest[:, 0]))} targets of epoch {self.epoch} not yet "
-                 f"trained are laid out again over {self.rows} rows, and the carried LSTM state starts from zero")
+                 f"{self.rows}: the {left} targets of epoch {self.epoch} not yet trained are laid out again over "
+                 f"{self.rows} rows, and the carried LSTM state starts from zero")
         self.segments, self.relayouts, self.offset = rest, self.relayouts + 1, 0
         if len(rest) == 0 or self.make_layout(rest).row_length == 0:
             self.epoch, self.relayouts, self.segments = self.epoch + 1, 0, None
-        elif int(sum(rest[:, 1] - rest[:, 0])) < self.rows:
-            raise ValueError(f"cannot resume on {self.rows} rows: only {int(sum(rest[:, 1] - rest[:, 0]))} targets "
-                             f"of epoch {self.epoch} are left; lower data.batch_size or resume on fewer ranks")
+        elif left < self.rows:
+            raise ValueError(f"cannot resume on {self.rows} rows: only {left} targets of epoch {self.epoch} are "
+                             f"left; lower data.batch_size or resume on fewer ranks")
 
 
 def build_stream_loader(index: DatasetIndex, data_cfg, *, dp_rank: int, dp_world_size: int, vocab_size: int,
