@@ -367,13 +367,29 @@ class CheckpointManager:
             self._retire(final, remove=False)
         os.rename(tmp, final)  # the commit point
         _fsync_path(self.run_dir)
-        pointer = self.run_dir / f"{LATEST}.tmp"
-        _write_file(pointer, f"{final.name}\n".encode())
-        os.replace(pointer, self.run_dir / LATEST)
+        self._point(LATEST, final)
         if step == self.best_step:
-            _write_file(self.run_dir / f"{BEST}.tmp", f"{final.name}\n".encode())
-            os.replace(self.run_dir / f"{BEST}.tmp", self.run_dir / BEST)
+            self._point(BEST, final)
         _fsync_path(self.run_dir)
+
+    def _point(self, name: str, target: Path) -> None:
+        """Atomically (re)write the pointer file `name` (latest, best) to the checkpoint `target`."""
+        pointer = self.run_dir / f"{name}.tmp"
+        _write_file(pointer, f"{target.name}\n".encode())
+        os.replace(pointer, self.run_dir / name)
+
+    def mark_best(self, step: int) -> None:
+        """checkpoint.keep_best: `step` is the best so far; retention keeps its checkpoint, and `best`
+        names it: now if it is already committed (saved at this step before the evaluation; retention
+        then drops the previous best), else when its save commits."""
+        self.best_step = step
+        if self.rank == 0 and self.step_dir(step).is_dir():
+            self._point(BEST, self.step_dir(step))
+            _fsync_path(self.run_dir)
+            try:
+                self._apply_retention(step)  # the previous best is no longer protected
+            except OSError as e:
+                self._log(f"checkpoint: retention after step {step} failed ({e}); old checkpoints remain")
 
     # ---- retention and cleanup (rank 0 only)
 

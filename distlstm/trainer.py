@@ -253,7 +253,7 @@ class Trainer:
         stopping says stop. Every rank has the same all-reduced result, so all decide alike."""
         improved, stop = self.watch.update(self.state.best, result, self.state.step, cadence=cadence)
         if improved and self.checkpoints is not None:
-            self.checkpoints.best_step = self.state.step
+            self.checkpoints.mark_best(self.state.step)
             self.save()
         return stop
 

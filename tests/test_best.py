@@ -57,6 +57,17 @@ def test_keep_best_keeps_the_best_checkpoint_outside_keep_last(tmp_path, monkeyp
                                                    metric == "valid_loss" else max(values)}
 
 
+def test_a_best_final_evaluation_names_the_checkpoint_its_step_already_has(tmp_path, monkeypatch):
+    """Evaluations at 5 and 10 and, at the end, 12; checkpoints every 4 steps, so step 12 was saved
+    before its (best) evaluation: `best` must name step-000012, not the older 10."""
+    curve = {5: {"valid_loss": 0.9, "valid_accuracy": 0.5}, 10: {"valid_loss": 0.7, "valid_accuracy": 0.5},
+             12: {"valid_loss": 0.4, "valid_accuracy": 0.5}}
+    run_dir = run_with_curve(tmp_path, monkeypatch, curve, "--train.max_steps", "12", "--checkpoint.keep_best",
+                             "valid_loss", "--checkpoint.keep_last", "1", "--checkpoint.every_steps", "4")
+    assert (run_dir / "checkpoints" / "best").read_text().strip() == "step-000012"
+    assert checkpoints(run_dir) == ["step-000012"]
+
+
 def test_keep_best_survives_a_resume(tmp_path, monkeypatch):
     """Stop at step 20 (best: 15), resume to 30 with worse values: step 15 is still kept and named."""
     curve = {5 * (i + 1): {"valid_loss": v, "valid_accuracy": 0.5} for i, v in enumerate(LOSS)}
