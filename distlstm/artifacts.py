@@ -149,33 +149,30 @@ def write_model(model: nn.Module, cfg: Config, out: Path, *, step: int, source: 
 # ---------------------------------------------------------------------------------------------- reading
 
 
-_STEP = re.compile(r"^step-(\d+)$")
-
-
 def resolve_checkpoint(run_dir: Path, which: str) -> Path:
     """The checkpoint directory `which` names in a run: latest (newest valid), best (kept by
     checkpoint.keep_best), step-N, or a path. ValueError naming the choices when there is none."""
-    from distlstm.checkpoint import LATEST, verify_checkpoint
+    from distlstm.checkpoint import _STEP_DIR, BEST, committed_steps, find_valid, verify_checkpoint
     ckpts = Path(run_dir) / "checkpoints"
-    committed = sorted((int(m.group(1)), p) for p in ckpts.glob("step-*") if (m := _STEP.match(p.name)))
-    if which in ("latest", "best"):
-        pointer = ckpts / which if which == "best" else ckpts / LATEST
-        names = [pointer.read_text().strip()] if pointer.is_file() else []
-        if which == "best" and not names:
+    if which == "latest":
+        found, notes = find_valid(ckpts)
+        if found is None:
+            raise ValueError(f"{run_dir}: no valid checkpoint under {ckpts}" + "".join(f"; {n}" for n in notes[:3]))
+        return Path(found)
+    if which == "best":
+        name = (ckpts / BEST).read_text().strip() if (ckpts / BEST).is_file() else ""
+        if not _STEP_DIR.match(name):
             raise ValueError(f"{run_dir}: no best checkpoint (train with --checkpoint.keep_best valid_loss); "
                              f"use --checkpoint latest or step-N")
-        candidates = [ckpts / n for n in names] + [p for _, p in reversed(committed)] * (which == "latest")
-        for path in candidates:
-            if not verify_checkpoint(path):
-                return path
-        raise ValueError(f"{run_dir}: no valid checkpoint under {ckpts}" if which == "latest" else
-                         f"{run_dir}: the best checkpoint {candidates[0]} is not valid: "
-                         + "; ".join(verify_checkpoint(candidates[0])))
+        problems = verify_checkpoint(ckpts / name)
+        if problems:
+            raise ValueError(f"{run_dir}: the best checkpoint {ckpts / name} is not valid: " + "; ".join(problems))
+        return ckpts / name
     m = re.fullmatch(r"step-?(\d+)", which)
     path = ckpts / f"step-{int(m.group(1)):06d}" if m else Path(which)
     problems = verify_checkpoint(path)
     if problems:
-        have = ", ".join(p.name for _, p in committed) or "none"
+        have = ", ".join(p.name for _, p in sorted(committed_steps(ckpts).items())) or "none"
         raise ValueError(f"checkpoint {path} cannot be used: {problems[0]}; checkpoints in {ckpts}: {have}")
     return path
 

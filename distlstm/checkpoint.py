@@ -169,6 +169,41 @@ def verify_checkpoint(path: Path) -> list[str]:
 # ---------------------------------------------------------------- the manager
 
 
+def committed_steps(ckpt_dir: Path) -> dict[int, Path]:
+    """Step -> committed checkpoint directory (step-N) under `ckpt_dir`."""
+    if not ckpt_dir.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in ckpt_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()}
+
+
+def find_valid(ckpt_dir: Path) -> tuple[str | None, list[str]]:
+    """The newest valid checkpoint under `ckpt_dir` (the one ``latest`` names first, then step
+    directories newest first), and why others were skipped."""
+    notes = []
+    if not ckpt_dir.is_dir():
+        return None, notes
+    for p in sorted(ckpt_dir.glob("step-*.tmp")):
+        notes.append(f"checkpoint: skipping {p}: leftover .tmp directory from a save that never "
+                     "committed (killed or failed); the next save removes it")
+    order: list[Path] = []
+    try:
+        name = (ckpt_dir / LATEST).read_text().strip()
+        if _STEP_DIR.match(name):
+            order.append(ckpt_dir / name)
+        else:
+            notes.append(f"checkpoint: ignoring pointer {ckpt_dir / LATEST}: content {name[:40]!r} is not a step dir")
+    except FileNotFoundError:
+        pass
+    order += [p for _, p in sorted(committed_steps(ckpt_dir).items(), reverse=True) if p not in order]
+    for path in order:
+        problems = verify_checkpoint(path)
+        if not problems:
+            return str(path), notes
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        notes.append(f"checkpoint: skipping {path}: " + "; ".join(problems[:3]) + more)
+    return None, notes
+
+
 class CheckpointManager:
     """Save and load the train state under ``run_dir``; call every method on every rank.
 
@@ -394,9 +429,7 @@ class CheckpointManager:
     # ---- retention and cleanup (rank 0 only)
 
     def _committed(self) -> dict[int, Path]:
-        if not self.run_dir.is_dir():
-            return {}
-        return {int(m.group(1)): p for p in self.run_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()}
+        return committed_steps(self.run_dir)
 
     def _retire(self, path: Path, remove: bool = True) -> None:
         # Rename first: a kill during rmtree then leaves a '.deleting' dir, never a half 'step-N'.
@@ -435,38 +468,12 @@ class CheckpointManager:
 
     # ---- load
 
-    def _find_valid(self) -> tuple[str | None, list[str]]:
-        """Newest valid checkpoint (``latest`` first, then step dirs newest first) + why others were skipped."""
-        notes = []
-        if not self.run_dir.is_dir():
-            return None, notes
-        for p in sorted(self.run_dir.glob("step-*.tmp")):
-            notes.append(f"checkpoint: skipping {p}: leftover .tmp directory from a save that never "
-                         "committed (killed or failed); the next save removes it")
-        order: list[Path] = []
-        try:
-            name = (self.run_dir / LATEST).read_text().strip()
-            if _STEP_DIR.match(name):
-                order.append(self.run_dir / name)
-            else:
-                notes.append(f"checkpoint: ignoring pointer {self.run_dir / LATEST}: content {name[:40]!r} is not a step dir")
-        except FileNotFoundError:
-            pass
-        order += [p for _, p in sorted(self._committed().items(), reverse=True) if p not in order]
-        for path in order:
-            problems = verify_checkpoint(path)
-            if not problems:
-                return str(path), notes
-            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-            notes.append(f"checkpoint: skipping {path}: " + "; ".join(problems[:3]) + more)
-        return None, notes
-
     def load_latest(self, state: dict) -> dict | None:
         """Load the newest valid checkpoint into ``state`` in place; None if there is none."""
         self.wait()
         found = None
         if self.rank == 0:
-            found, notes = self._find_valid()
+            found, notes = find_valid(self.run_dir)
             for note in notes:
                 self._log(note)
         found = self._broadcast(found)  # one verdict, so every rank loads the same checkpoint
