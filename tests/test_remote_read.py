@@ -49,12 +49,17 @@ def _chunk_ranges(folder: Path, columns: list[str]) -> dict[tuple[str, int, int]
     """(url path, start, end) of each row group's coalesced column chunks -> global chunk id, in the
     index's order (manifest order of shards, row groups in order)."""
     manifest = json.loads((folder / "manifest.json").read_text())
+    return _chunk_ranges_of(folder, [shard["path"] for shard in manifest["shards"]], columns)
+
+
+def _chunk_ranges_of(folder: Path, shards: list[str], columns: list[str]) -> dict[tuple[str, int, int], int]:
+    """The same for the Parquet files `shards` (names under `folder`), in that order."""
     out, c = {}, 0
-    for shard in manifest["shards"]:
-        md = pq.read_metadata(folder / shard["path"])
+    for shard in shards:
+        md = pq.read_metadata(folder / shard)
         for g in range(md.num_row_groups):
             for a, b in coalesce(column_chunk_ranges(md, g, columns)):
-                out[(shard["path"], a, b)] = c
+                out[(shard, a, b)] = c
             c += 1
     return out
 
@@ -119,6 +124,34 @@ def test_two_ranks_two_workers_fetch_every_chunk_exactly_once(served, tmp_path):
     dataset = sum(p.stat().st_size for p in (server.root / "pq" / "train").glob("*.parquet"))
     column_bytes = sum(b - a for a, b in [(k[1], k[2]) for k in ranges])
     assert bytes_sent(log, "/pq/train/", ".parquet") == column_bytes <= dataset
+
+
+@pytest.mark.timeout(120)
+def test_lm_stream_mode_reads_each_row_group_once_per_rank(tmp_path, http_server):
+    """lm stream mode (the lm default), 2 ranks asking for 2 workers each, over HTTP: a rank reads
+    each row group its rows cross once per epoch, tokens and doc_start in one request, although a
+    row's start and the previous row's end share a row group (read at the epoch's start and again
+    at its end); only the row group where the two ranks' rows meet is read by both."""
+    from distlstm.data.stream import StreamParams
+    from distlstm.data.stream_loader import StreamLoader
+    from tests._stream_data import documents, write_stream_parquet
+    write_stream_parquet(http_server.root / "lm" / "s.parquet", documents(150, seed=2, max_len=80), piece=16,
+                         rows_per_group=6)
+    index = open_index(http_server.url("lm/s.parquet"), cache_dir=tmp_path / "cache")
+    assert index.num_chunks >= 60
+    ranges = _chunk_ranges_of(http_server.root / "lm", ["s.parquet"], ["tokens", "doc_start"])
+    per_rank = []
+    for rank in range(2):
+        http_server.take_log()
+        loader = StreamLoader(index, StreamParams(batch_size=4, bptt=10), seed=0, dp_rank=rank, dp_world_size=2,
+                              num_workers=2, max_epochs=1, log=lambda msg: None)
+        assert loader.num_workers == 1
+        assert sum(1 for _ in loader) > 0
+        fetched = _fetches(http_server.take_log(), "/lm/", ranges)
+        assert max(fetched.values()) == 1, f"rank {rank} read row groups twice: {sorted(fetched.items())}"
+        per_rank.append(set(fetched))
+    assert per_rank[0] | per_rank[1] == set(range(index.num_chunks))
+    assert len(per_rank[0] & per_rank[1]) <= 1
 
 
 @pytest.mark.timeout(120)
@@ -244,17 +277,8 @@ def test_object_store_reads_exact_ranges_through_fsspec(tmp_path):
         fs.rm("/bucket", recursive=True)
     local = lw.take(lw.make_loader(str(folder), tmp_path / "cache-local", max_epochs=1), 10_000)
     assert remote == local
-    expected = {(name, a, b) for (name, a, b) in _chunk_ranges_of(folder, ["tokens", "label"])}
+    expected = set(_chunk_ranges_of(folder, sorted(p.name for p in folder.glob("*.parquet")), ["tokens", "label"]))
     assert sorted(reads) == sorted(expected), "reads other than each row group's column chunks, once"
-
-
-def _chunk_ranges_of(folder: Path, columns: list[str]) -> list[tuple[str, int, int]]:
-    out = []
-    for path in sorted(folder.glob("*.parquet")):
-        md = pq.read_metadata(path)
-        for g in range(md.num_row_groups):
-            out += [(path.name, a, b) for a, b in coalesce(column_chunk_ranges(md, g, columns))]
-    return out
 
 
 @pytest.mark.timeout(60)

@@ -192,9 +192,13 @@ def test_elastic_resume_skips_and_repeats_no_token(stream_index, old_world, new_
 
 
 def test_workers_yield_the_same_batches_in_order(stream_index):
+    """A worker process gives the batches the loading process gives; more than one is not used (each
+    would read every chunk of the rank's rows again)."""
     index, _ = stream_index
     plain = list(_loader(index, 2, 0))
-    workers = list(_loader(index, 2, 0, num_workers=2))
+    loader = _loader(index, 2, 0, num_workers=2)
+    assert loader.num_workers == 1
+    workers = list(loader)
     assert len(plain) == len(workers)
     for a, b in zip(plain, workers):
         for field in ("inputs", "targets", "lengths", "reset"):

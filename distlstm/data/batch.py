@@ -25,6 +25,9 @@ class Chunk:
     """Row of sample 0 within its shard (for error messages)."""
     bad: dict[int, str] = field(default_factory=dict)
     """Samples found unusable while decoding: local index -> problem."""
+    flags: np.ndarray | None = None
+    """One bool per sample from an optional flag column read with the chunk (lm stream mode's
+    doc_start); None when the shard has no such column."""
 
     def where(self, i: int) -> str:
         return f"key {self.keys[i]}" if self.keys else f"row {self.first_row + i}"

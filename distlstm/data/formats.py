@@ -209,14 +209,17 @@ def _tag_problems(path: str, column: str, sequence_column: str, offsets: np.ndar
 
 def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label_column: str | None,
                        storage_options=None, retries: int = 3, task: str | None = None,
-                       source: Source | None = None) -> Chunk:
+                       source: Source | None = None, flags_column: str | None = None) -> Chunk:
     """Decode one row group: flat values, offsets, labels. A list label column is per-step tags for
     task tag (aligned with `values`) and a K-vector per sample otherwise (labels shape (n, K)).
-    A remote shard comes as `source` and is read by exact byte ranges (parquet_remote.py)."""
+    A remote shard comes as `source` and is read by exact byte ranges (parquet_remote.py).
+    `flags_column`: an optional bool (or integer) column read in the same request, as `Chunk.flags`
+    (null = False)."""
     columns = [sequence_column] + ([label_column] if label_column else [])
     try:
         pf = RemoteParquetFile(source) if source is not None else _parquet_file(_local_path(path, storage_options))
-        table = pf.read_row_group(row_group, columns=columns)
+        with_flags = flags_column is not None and flags_column in pf.schema_arrow.names
+        table = pf.read_row_group(row_group, columns=columns + [flags_column] * with_flags)
         first_row = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
     except (pa.ArrowException, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
@@ -264,5 +267,11 @@ def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label
     bad = {int(r): f"null in '{sequence_column}' or '{label_column}'" for r in np.flatnonzero(nulls)}
     for r, problem in label_bad.items():
         bad.setdefault(r, problem)
+    flags = None
+    if with_flags:
+        column = table.column(flags_column).combine_chunks()
+        if column.null_count:
+            column = column.fill_null(False if column.type == "bool" else 0)
+        flags = column.to_numpy(zero_copy_only=False).astype(bool)
     return Chunk(values=_to_numpy_values(path, sequence_column, values, seq.type), offsets=offsets, labels=labels,
-                 first_row=first_row, bad=bad)
+                 first_row=first_row, bad=bad, flags=flags)

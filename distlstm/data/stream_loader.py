@@ -7,8 +7,10 @@ stretch of the stream starts there). The trainer carries the state from one batc
 (distlstm/stateful.py).
 
 Reading: each row moves through the data sequentially, so a process keeps the few decoded chunks
-(Parquet row groups, tar shards) its rows are in, about 2 per row. Workers: worker `w` of `W` builds
-the batches `k` with `k % W == w`, as in the windows loader; each worker reads what its batches need.
+(Parquet row groups, tar shards) its rows are in, about 2 per row. At most one DataLoader worker:
+every batch holds all of this rank's rows, so W workers building every W-th batch would each read
+and decode every chunk of those rows (W times the bytes per epoch); one worker reads each once, and
+a batch of B x bptt tokens is cheap to build.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from collections import OrderedDict
 from typing import Callable, Iterator
 
 import numpy as np
-import pyarrow as pa
 from torch.utils.data import IterableDataset, get_worker_info
 
 from distlstm.data.batch import Batch
@@ -42,7 +43,7 @@ class TokenStore:
         self.chunk_start = self.sample_start[index.chunk_offsets]          # ... of each chunk's first row
         self.num_tokens = int(self.sample_start[-1])
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._files: dict[int, object] = {}  # shard -> its Parquet file if it has doc_start flags, else None
+        self._pinned: set[int] = set()
 
     def read(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, starts-a-document) at stream positions `pos` (any shape, all < num_tokens)."""
@@ -62,12 +63,20 @@ class TokenStore:
     def sample_at(self, pos: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.sample_start, pos, side="right") - 1
 
+    def pin(self, pos: np.ndarray) -> None:
+        """Keep the chunks holding stream positions `pos` once decoded, beyond the `max_chunks` of
+        the LRU cache, until the next pin. For the rows' starts: the chunk where a row starts is also
+        where the row before it ends, read at the start of the layout and again at its end; without
+        the pin it would be read twice per epoch (once per row boundary)."""
+        self._pinned = set((np.searchsorted(self.chunk_start, pos, side="right") - 1).tolist())
+
     def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         if c in self._cache:
             self._cache.move_to_end(c)
             return self._cache[c]
-        while len(self._cache) >= self.max_chunks:
-            self._cache.popitem(last=False)
+        unpinned = [k for k in self._cache if k not in self._pinned]  # oldest first
+        while len(unpinned) >= self.max_chunks:
+            del self._cache[unpinned.pop(0)]
         self._cache[c] = self._decode(c)
         return self._cache[c]
 
@@ -80,8 +89,10 @@ class TokenStore:
             from distlstm.data.formats import read_parquet_chunk
             chunk = read_parquet_chunk(shard, int(index.chunk_local[c]), sequence_column=index.sequence_column,
                                        label_column=None, storage_options=index.storage_options,
-                                       retries=index.retries, task="lm", source=index.remote_source(s))
-            doc_start = self._parquet_flags(s, int(index.chunk_local[c]), len(chunk))
+                                       retries=index.retries, task="lm", source=index.remote_source(s),
+                                       flags_column=DOC_START_COLUMN)  # in the same request as the tokens
+            # A shard without the column: every row is a document.
+            doc_start = chunk.flags if chunk.flags is not None else np.ones(len(chunk), bool)
         else:
             from distlstm.data.tar import read_tar_chunk
             lo, hi = int(index.chunk_offsets[c]), int(index.chunk_offsets[c + 1])
@@ -106,27 +117,6 @@ class TokenStore:
             raise BadSampleError(shard, where(row), f"token id {int(values[bad])} outside [0, {self.vocab_size}) "
                                  f"(model.vocab_size)", fix=_FIX)
         return values, doc_start
-
-    def _parquet_flags(self, s: int, row_group: int, rows: int) -> np.ndarray:
-        """doc_start of one row group (bool or integer column; null = False); every row without the column."""
-        if s not in self._files:
-            from distlstm.data.formats import _local_path, _parquet_file
-            from distlstm.data.parquet_remote import RemoteParquetFile
-            source = self.index.remote_source(s)
-            pf = RemoteParquetFile(source) if source is not None else \
-                _parquet_file(_local_path(self.index.shards[s], self.index.storage_options))
-            self._files[s] = pf if DOC_START_COLUMN in pf.schema_arrow.names else None
-        pf = self._files[s]
-        if pf is None:
-            return np.ones(rows, bool)
-        try:
-            column = pf.read_row_group(row_group, columns=[DOC_START_COLUMN]).column(0).combine_chunks()
-        except (pa.ArrowException, OSError) as exc:
-            raise BadSampleError(self.index.shards[s], f"row group {row_group}", f"column '{DOC_START_COLUMN}' "
-                                 f"cannot be read ({exc})", fix="re-create the shard") from exc
-        if column.null_count:
-            column = column.fill_null(False if column.type == "bool" else 0)
-        return column.to_numpy(zero_copy_only=False).astype(bool)
 
     def _tar_flags(self, shard: str, rows: int) -> np.ndarray:
         """doc_start from the shard's `.idx.json` sidecar (written by prep); every row without one."""
@@ -183,6 +173,8 @@ class _StreamDataset(IterableDataset):
         k = 0
         while not self.max_epochs or epoch < self.max_epochs:
             layout = make_layout(self.num_tokens, self.rows, segments)
+            first, valid, _ = layout.positions(self.mine, 0, 1)
+            store.pin(np.clip(first[valid][:, None] + np.arange(-2, 1), 0, self.num_tokens - 1).reshape(-1))
             for start, length in layout.chunk_offsets(self.params, seed=self.seed, epoch=epoch, relayouts=relayouts,
                                                       offset=offset):
                 if k % workers == worker:
@@ -200,9 +192,15 @@ def build_batch(store: TokenStore, layout: StreamLayout, rows: np.ndarray, offse
                 epoch: int) -> Batch:
     """The chunk `[offset, offset + length)` of `rows`: inputs, targets, lengths, resets (numpy)."""
     pos, valid, seam = layout.positions(rows, offset, length)
-    tok, doc = store.read(np.where(valid, pos, 1))
-    prev, prev_doc = store.read(np.where(valid, pos - 1, 0))
-    inputs = np.where(valid, prev, 0)
+
+    def at(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # past a row's end: 0 / False, nothing read
+        tokens, starts = np.zeros(p.shape, np.int64), np.zeros(p.shape, bool)
+        tokens[valid], starts[valid] = store.read(p[valid])
+        return tokens, starts
+
+    tok, doc = at(pos)
+    prev, prev_doc = at(pos - 1)
+    inputs = prev
     # A document's first token is not predicted (its context is another document), and the state is
     # zeroed before a document's first token goes in.
     targets = np.where(valid & ~doc, tok, IGNORE_INDEX).astype(np.int64)
@@ -224,6 +222,10 @@ class StreamLoader:
             raise ValueError(f"dp_rank={dp_rank} outside dp_world_size={dp_world_size}")
         self.index, self.params, self.seed = index, params, seed
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        if num_workers > 1:
+            log(f"data: lm stream mode reads with 1 DataLoader worker, not data.num_workers={num_workers} (every "
+                f"batch holds all of a rank's rows, so each worker would read every chunk again)")
+            num_workers = 1
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_epochs, self.vocab_size, self.agree, self.log = max_epochs, vocab_size, agree, log
         self.rows = params.batch_size * dp_world_size
