@@ -35,7 +35,7 @@ from distlstm.data.index import DatasetIndex
 from distlstm.data.plan import EpochPlan, PlanParams
 from distlstm.data.fetch import WindowFetcher
 from distlstm.data.prefetch import prefetch_to_device
-from distlstm.data.workers import WorkerFailure, worker_batches
+from distlstm.data.workers import ship_failures, worker_batches
 from distlstm.tasks import Task, _per_sample_any, get_task
 
 STATE_VERSION = 2  # 2: + "streams"; a version 1 state was saved with one stream
@@ -315,13 +315,7 @@ class _Stream(IterableDataset):
                          epoch=epoch)
 
     def __iter__(self) -> Iterator[Batch]:
-        if get_worker_info() is None:
-            yield from self._batches()
-            return
-        try:
-            yield from self._batches()
-        except Exception as exc:  # noqa: BLE001 -- shipped whole to the main process, see WorkerFailure
-            yield WorkerFailure.of(exc)
+        return ship_failures(self._batches())
 
     def _batches(self) -> Iterator[Batch]:
         info = get_worker_info()

@@ -27,7 +27,7 @@ from distlstm.data.batch import Batch
 from distlstm.data.errors import BadSampleError
 from distlstm.data.index import DatasetIndex
 from distlstm.data.stream import DOC_START_COLUMN, StreamLayout, StreamParams
-from distlstm.data.workers import WorkerFailure, worker_batches
+from distlstm.data.workers import ship_failures, worker_batches
 from distlstm.tasks import IGNORE_INDEX
 
 STATE_VERSION = 1
@@ -156,13 +156,7 @@ class _StreamDataset(IterableDataset):
         self.num_tokens = int(index.lengths.astype(np.int64).sum())
 
     def __iter__(self) -> Iterator[Batch]:
-        if get_worker_info() is None:
-            yield from self._batches()
-            return
-        try:
-            yield from self._batches()
-        except Exception as exc:  # noqa: BLE001 -- shipped whole to the main process (distlstm/data/workers.py)
-            yield WorkerFailure.of(exc)
+        return ship_failures(self._batches())
 
     def _batches(self) -> Iterator[Batch]:
         info = get_worker_info()

@@ -133,6 +133,20 @@ def worker_batches(dataset: Iterable, *, num_workers: int, pin_memory: bool, pre
             shutdown()
 
 
+def ship_failures(batches: Iterator) -> Iterator:
+    """A dataset's batches: in a DataLoader worker, an exception goes to the training process whole,
+    as a `WorkerFailure` in place of a batch (`raise_worker_failures` raises it there); in the
+    training process itself it is raised as it is."""
+    from torch.utils.data import get_worker_info
+    if get_worker_info() is None:
+        yield from batches
+        return
+    try:
+        yield from batches
+    except Exception as exc:  # noqa: BLE001 -- shipped whole to the training process
+        yield WorkerFailure.of(exc)
+
+
 def raise_worker_failures(batches: Iterator) -> Iterator:
     """`batches`, raising the exception a worker shipped instead of a batch."""
     for batch in batches:
