@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distlstm.checkpoint import CheckpointManager
+from distlstm.checkpoint.manager import CheckpointManager
 from distlstm.config import DataConfig, ModelConfig, OptimConfig
-from distlstm.data.index import open_index
-from distlstm.data.loader import build_loader
-from distlstm.data.plan import EpochPlan
-from distlstm.data.synthetic import VOCAB_SIZE, ensure_synthetic
+from distlstm.data.shards.index import open_index
+from distlstm.data.loader.batch_loader import build_loader
+from distlstm.data.plan.epoch import EpochPlan
+from distlstm.data.prep.synthetic import VOCAB_SIZE, ensure_synthetic
 from distlstm.models.lstm import build_model, num_parameters
-from distlstm.trainer import build_optimizer
+from distlstm.run.trainer import build_optimizer
 
 MB = 1e6
 

@@ -26,15 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_e2e import lognormal_lengths, write_dataset  # noqa: E402
 
-from distlstm.autotune import resolve_auto  # noqa: E402
+from distlstm.run.autotune import resolve_auto  # noqa: E402
 from distlstm.config import load_config  # noqa: E402
-from distlstm.data.index import open_index  # noqa: E402
-from distlstm.data.loader import build_loader  # noqa: E402
-from distlstm.graphs import StepGraphs, use_training_stream  # noqa: E402
+from distlstm.data.shards.index import open_index  # noqa: E402
+from distlstm.data.loader.batch_loader import build_loader  # noqa: E402
+from distlstm.run.graphs import StepGraphs, use_training_stream  # noqa: E402
 from distlstm.models.lstm import build_model  # noqa: E402
-from distlstm.parallel import AmpPolicy  # noqa: E402
-from distlstm.trainer import Trainer, build_optimizer  # noqa: E402
-from distlstm.world import detect_world  # noqa: E402
+from distlstm.distributed.parallel import AmpPolicy  # noqa: E402
+from distlstm.run.trainer import Trainer, build_optimizer  # noqa: E402
+from distlstm.distributed.world import detect_world  # noqa: E402
 
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
                 "cudaLaunchCooperativeKernel", "cudaGraphLaunch", "cuGraphLaunch", "cudaMemcpyAsync",

@@ -176,8 +176,8 @@ def distlstm_run(name: str, data: Path, extra: list[str], common: list[str], wor
 def windows_steps_per_epoch(split: Path, bsz: int, bptt: int) -> int:
     """Steps of one epoch of (b), from distlstm's data plan, so that it evaluates once per epoch."""
     sys.path.insert(0, str(ROOT))
-    from distlstm.data.index import open_index
-    from distlstm.data.plan import EpochPlan, PlanParams
+    from distlstm.data.shards.index import open_index
+    from distlstm.data.plan.epoch import EpochPlan, PlanParams
     index = open_index(str(split), cache_dir=split.parent.parent / "cache")
     params = PlanParams(max_tokens=bsz * (bptt + 1), min_batch_size=bsz, max_batch_size=bsz, max_length=bptt + 1)
     return EpochPlan(index.chunk_offsets, index.lengths, params, seed=1234, epoch=0).num_batches

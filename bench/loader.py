@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distlstm.config import DataConfig  # noqa: E402
-from distlstm.data.index import open_index  # noqa: E402
-from distlstm.data.loader import build_loader  # noqa: E402
-from distlstm.data.plan import EpochPlan, PlanParams  # noqa: E402
-from distlstm.data.prep import ShardWriter  # noqa: E402
+from distlstm.data.shards.index import open_index  # noqa: E402
+from distlstm.data.loader.batch_loader import build_loader  # noqa: E402
+from distlstm.data.plan.epoch import EpochPlan, PlanParams  # noqa: E402
+from distlstm.data.prep.prep import ShardWriter  # noqa: E402
 
 NUM_CLASSES, VOCAB = 16, 32000
 

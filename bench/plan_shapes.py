@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distlstm.data import shapes as bounded  # noqa: E402
-from distlstm.data.plan import EpochPlan, PlanParams, padding_fraction  # noqa: E402
+from distlstm.data.plan import shapes as bounded  # noqa: E402
+from distlstm.data.plan.epoch import EpochPlan, PlanParams, padding_fraction  # noqa: E402
 
 
 def main() -> int:

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from _http_server import HttpServer, bytes_sent  # noqa: E402
 
 from distlstm.config import DataConfig  # noqa: E402
-from distlstm.data.index import open_index  # noqa: E402
-from distlstm.data.loader import build_loader  # noqa: E402
+from distlstm.data.shards.index import open_index  # noqa: E402
+from distlstm.data.loader.batch_loader import build_loader  # noqa: E402
 
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 PREP = ["--task", "lm", "--tokenizer", "char", "--split", "tail", "--valid-fraction", "0.1",

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distlstm.config import Config, ModelConfig, TrainConfig  # noqa: E402
 from distlstm.data.batch import Batch  # noqa: E402
 from distlstm.models.lstm import build_model  # noqa: E402
-from distlstm.parallel import AmpPolicy  # noqa: E402
-from distlstm.trainer import Trainer, build_optimizer  # noqa: E402
-from distlstm.world import detect_world  # noqa: E402
+from distlstm.distributed.parallel import AmpPolicy  # noqa: E402
+from distlstm.run.trainer import Trainer, build_optimizer  # noqa: E402
+from distlstm.distributed.world import detect_world  # noqa: E402
 
 
 class _Loader:

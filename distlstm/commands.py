@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from distlstm.config import Config, ConfigError
-from distlstm.world import World
+from distlstm.distributed.world import World
 
 CHECKPOINT_HELP = ("which weights: final (the run's model.safetensors), latest, best (checkpoint.keep_best), "
                    "step-N, or a checkpoint path; default: final if the run finished, else latest")
@@ -66,8 +66,8 @@ class Session:
 @contextlib.contextmanager
 def session(cfg: Config) -> Iterator[Session]:
     """The process group (one process, or every rank under torchrun / srun) for a command."""
-    from distlstm.parallel import control_group
-    from distlstm.world import (default_backend, default_device, destroy_process_group, detect_world,
+    from distlstm.distributed.parallel import control_group
+    from distlstm.distributed.world import (default_backend, default_device, destroy_process_group, detect_world,
                                 init_process_group)
     world = detect_world()
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
@@ -100,7 +100,7 @@ def main_wrapper(body: Callable[[list[str]], int], argv: list[str] | None) -> in
 def load_weights(model: torch.nn.Module, run_dir: Path, which: str | None) -> dict:
     """Put the weights `which` names (see CHECKPOINT_HELP) into `model`; returns
     {"checkpoint": what was loaded, "step": its training step}."""
-    from distlstm.artifacts import WEIGHTS, load_checkpoint_weights, resolve_checkpoint
+    from distlstm.checkpoint.artifacts import WEIGHTS, load_checkpoint_weights, resolve_checkpoint
     if which is None:
         which = "final" if (run_dir / WEIGHTS).is_file() else "latest"
     if which == "final":

@@ -48,7 +48,7 @@ AUTO = "auto"
 CPU_MAX_TOKENS = 8192
 """data.max_tokens = auto without a GPU: the default budget, sized for a laptop CPU."""
 IntOrAuto = int | Literal["auto"]
-"""An integer option that may also be "auto" (resolved once the device is known: distlstm/autotune.py)."""
+"""An integer option that may also be "auto" (resolved once the device is known: distlstm/run/autotune.py)."""
 
 
 def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:

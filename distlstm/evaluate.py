@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from distlstm.artifacts import run_config
+from distlstm.checkpoint.artifacts import run_config
 from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser, session, split_overrides
 
 
@@ -42,8 +42,8 @@ def run(argv: list[str]) -> int:
     args = p.parse_args(own)
     run_dir = Path(args.run)
     cfg = run_config(run_dir, overrides)
-    from distlstm.build import build_run
-    from distlstm.trainer import evaluate_model
+    from distlstm.run.build import build_run
+    from distlstm.run.trainer import evaluate_model
     with session(cfg) as s:
         # run_dir=None: the loader would otherwise write skipped samples into the run's quarantine/.
         built = build_run(cfg, s.world, s.device, group=s.group, log=s.log, run_dir=None, training=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from distlstm.artifacts import run_config
+from distlstm.checkpoint.artifacts import run_config
 from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser
 
 FORMATS = ("safetensors", "torchscript", "onnx")
@@ -84,13 +84,13 @@ def run_exported(fmt: str, out: Path, inputs: torch.Tensor, lengths: torch.Tenso
         # the exported graph has no such input; feed what the graph takes.
         feed = {"inputs": inputs.numpy(), "lengths": lengths.numpy()}
         return torch.from_numpy(sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})[0])
-    from distlstm.artifacts import load
+    from distlstm.checkpoint.artifacts import load
     return load(out).model(inputs, lengths)
 
 
 def export(model, cfg, fmt: str, out: Path, *, step: int, source: Path | None, atol: float = 1e-4) -> float:
     """Write `model` in `fmt` to `out`; returns the largest output difference of the round trip."""
-    from distlstm.artifacts import write_model
+    from distlstm.checkpoint.artifacts import write_model
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     model = model.cpu().eval()
@@ -123,7 +123,7 @@ def run(argv: list[str]) -> int:
     run_dir, out = Path(args.run), Path(args.out)
     if out.resolve() == run_dir.resolve():
         raise ValueError(f"--out {out} is the run directory; export into a folder of its own")
-    from distlstm.world import detect_world
+    from distlstm.distributed.world import detect_world
     if not detect_world().is_leader:
         return 0  # under torchrun: one writer (rank 0), not several racing on the same files
     cfg = run_config(run_dir, [])

@@ -68,7 +68,7 @@ def run(argv: list[str]) -> int:
             raise ValueError(f"{flag}={value} must be >= 0")
     if args.temperature < 0:
         raise ValueError(f"--temperature={args.temperature} must be >= 0 (0 = greedy)")
-    from distlstm.artifacts import load
+    from distlstm.checkpoint.artifacts import load
     model, vocab, cfg = load(args.run, checkpoint=None if args.checkpoint in (None, "final") else args.checkpoint,
                              device=args.device)
     if cfg.model.task != "lm":

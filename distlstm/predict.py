@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distlstm.artifacts import run_config
+from distlstm.checkpoint.artifacts import run_config
 from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser, session, split_overrides
 from distlstm.tasks import IGNORE_INDEX, Task
 
@@ -85,8 +85,8 @@ def run(argv: list[str]) -> int:
     # input out as a stream of data.batch_size rows, which predict never reads).
     cfg = run_config(run_dir, ["--data.too_long", "truncate"] + overrides +
                      ["--data.valid", args.data, "--data.lm_mode", "windows"])
-    from distlstm.build import build_run
-    from distlstm.data.loader import build_loader
+    from distlstm.run.build import build_run
+    from distlstm.data.loader.batch_loader import build_loader
     with session(cfg) as s:
         built = build_run(cfg, s.world, s.device, group=s.group, log=s.log, run_dir=None, training=False)
         loaded = load_weights(built.model, run_dir, args.checkpoint)

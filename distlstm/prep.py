@@ -1,4 +1,4 @@
-"""`python -m distlstm.prep`: see distlstm/data/prep.py."""
-from distlstm.data.prep import main
+"""`python -m distlstm.prep`: see distlstm/data/prep/prep.py."""
+from distlstm.data.prep.prep import main
 if __name__ == "__main__":
     raise SystemExit(main())

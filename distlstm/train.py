@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
-from distlstm.build import build_run, total_steps  # noqa: F401 (total_steps: public here too)
+from distlstm.run.build import build_run, total_steps  # noqa: F401 (total_steps: public here too)
 from distlstm.config import Config, ConfigError, help_text, load_config, to_toml
 from distlstm.data.sources import redact
 from distlstm.errors import USER_ERRORS, message
-from distlstm.graphs import StepGraphs
-from distlstm.metrics import Reporter
-from distlstm.parallel import control_group, unwrap
-from distlstm.run_lock import lock_run_dir, release_all as release_run_locks
-from distlstm.trainer import Trainer
-from distlstm.world import (World, default_backend, default_device, describe, destroy_process_group, detect_world,
+from distlstm.run.graphs import StepGraphs
+from distlstm.run.metrics import Reporter
+from distlstm.distributed.parallel import control_group, unwrap
+from distlstm.run.run_lock import lock_run_dir, release_all as release_run_locks
+from distlstm.run.trainer import Trainer
+from distlstm.distributed.world import (World, default_backend, default_device, describe, destroy_process_group, detect_world,
                             init_process_group)
 
 USAGE = """usage: python -m distlstm.train [--config FILE.toml] [--SECTION.KEY VALUE ...]
@@ -67,8 +67,8 @@ def _debug_mode(cfg: Config) -> None:
 
 def resolve_run_dir(cfg: Config, config_name: str = "default") -> Path:
     """The run directory, the same on every rank (every rank has the same config): train.run_dir,
-    else derived from the config (distlstm/rundir.py), so that the same command again resumes it."""
-    from distlstm.rundir import default_run_dir
+    else derived from the config (distlstm/run/rundir.py), so that the same command again resumes it."""
+    from distlstm.run.rundir import default_run_dir
     run_dir = Path(cfg.train.run_dir or default_run_dir(cfg, config_name))
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -126,7 +126,7 @@ def run(cfg: Config, world: World, device: torch.device, backend: str, config_na
     _debug_mode(cfg)
     group = control_group(backend)
     run_dir = resolve_run_dir(cfg, config_name)
-    from distlstm.rundir import finished_message
+    from distlstm.run.rundir import finished_message
     done = finished_message(cfg, run_dir)
     if done:
         log(done)
@@ -135,19 +135,19 @@ def run(cfg: Config, world: World, device: torch.device, backend: str, config_na
     lock_run_dir(run_dir, is_leader=world.is_leader, group=group, log=log)
     log(f"run directory {run_dir} (the same command again resumes it)")
     log(describe(world) + f", device {device}, backend {backend if world.is_distributed else '-'}")
-    from distlstm.loggers import build_sinks, check_backends
+    from distlstm.run.loggers import build_sinks, check_backends
     check_backends(cfg)
     built = build_run(cfg, world, device, group=group, log=log, run_dir=run_dir)
     cfg = built.cfg
     if world.is_leader:
         # Resolved (model.input and the data-derived sizes filled in): it rebuilds this model.
         (run_dir / "config.toml").write_text(to_toml(cfg, redact=redact))
-        from distlstm.artifacts import copy_data_files
+        from distlstm.checkpoint.artifacts import copy_data_files
         copy_data_files(built.train_index, run_dir)  # vocab.json / labels.json: what reads new text
         log("config:\n" + to_toml(cfg, redact=redact))
 
-    from distlstm.checkpoint import CheckpointManager
-    from distlstm.preempt import PreemptionHandler
+    from distlstm.checkpoint.manager import CheckpointManager
+    from distlstm.distributed.preempt import PreemptionHandler
     checkpoints = CheckpointManager(run_dir / "checkpoints", rank=world.rank, world_size=world.world_size,
                                     keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
                                     async_save=cfg.checkpoint.async_save, log=log)
@@ -205,7 +205,7 @@ def resume(cfg: Config, trainer: Trainer, checkpoints, log) -> None:
 
 def _data_position(loader) -> str:
     """`loader.consumed` counts global batches, or in lm stream mode the targets of every row."""
-    from distlstm.data.stream_loader import StreamLoader
+    from distlstm.data.loader.stream_loader import StreamLoader
     if isinstance(loader, StreamLoader):
         return f"epoch {loader.epoch}, {loader.consumed} targets into every stream row"
     return f"epoch {loader.epoch}, batch {loader.consumed}"
@@ -215,14 +215,14 @@ def finish(trainer: Trainer, run_dir: Path, result: dict, world: World, log) -> 
     """Final metrics and the trained weights: model.safetensors + config.json (+ the vocabulary),
     what `distlstm.load` and the other commands read; model.pt (plain tensors, loadable with
     torch.load(weights_only=True)) is kept for scripts written against earlier versions.
-    final.json is written last and atomically: it marks the run finished (distlstm/rundir.py)."""
-    from distlstm.train_state import tree_hash
+    final.json is written last and atomically: it marks the run finished (distlstm/run/rundir.py)."""
+    from distlstm.checkpoint.codec import tree_hash
     model = unwrap(trainer.model)
     summary = {**result, "param_hash": tree_hash(model), "tokens": trainer.state.tokens,
                "samples": trainer.state.samples, "skipped_samples": trainer.state.bad_samples,
                "elapsed_s": round(trainer.state.elapsed_s, 2)}
     if world.is_leader:
-        from distlstm.artifacts import write_model
+        from distlstm.checkpoint.artifacts import write_model
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / "model.pt")
         write_model(model, trainer.cfg, run_dir, step=trainer.state.step)
         (run_dir / "final.json.tmp").write_text(json.dumps(summary, indent=1))

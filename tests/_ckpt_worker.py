@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distlstm.checkpoint import CheckpointManager, rng_state, tree_hash  # noqa: E402
+from distlstm.checkpoint.manager import CheckpointManager, rng_state, tree_hash  # noqa: E402
 
 
 class TinyLSTM(nn.Module):

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distlstm.config import DataConfig  # noqa: E402
-from distlstm.data.index import open_index  # noqa: E402
-from distlstm.data.loader import build_loader  # noqa: E402
+from distlstm.data.shards.index import open_index  # noqa: E402
+from distlstm.data.loader.batch_loader import build_loader  # noqa: E402
 
 NUM_CLASSES = 4
 VOCAB = 100

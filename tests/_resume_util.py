@@ -32,7 +32,7 @@ uninterrupted run's (the LR schedule and the data plan depend on it):
         from step 5 on, no file this process writes may grow beyond 4096 bytes (RLIMIT_FSIZE; writes
         fail with EFBIG, as they fail with ENOSPC on a full disk)
 
-The signal goes through the real handler (distlstm.preempt) and SIGKILL is SIGKILL: only *when*
+The signal goes through the real handler (distlstm.distributed.preempt) and SIGKILL is SIGKILL: only *when*
 it happens is chosen here, which makes the tests deterministic instead of racing a timer.
 """
 
@@ -91,7 +91,8 @@ def _send(sig: int, target: str) -> None:
 
 
 def install(fault: dict) -> None:
-    from distlstm import checkpoint, trainer
+    from distlstm.checkpoint import manager as checkpoint
+    from distlstm.run import trainer
 
     rank = int(os.environ.get("RANK", "0"))
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

@@ -9,9 +9,9 @@ import torch
 from distlstm.config import Config, ModelConfig, TrainConfig
 from distlstm.data.batch import Batch
 from distlstm.models.lstm import build_model
-from distlstm.parallel import AmpPolicy, apply_ddp, control_group, ddp_options
-from distlstm.trainer import Trainer, build_optimizer
-from distlstm.world import destroy_process_group, detect_world, init_process_group
+from distlstm.distributed.parallel import AmpPolicy, apply_ddp, control_group, ddp_options
+from distlstm.run.trainer import Trainer, build_optimizer
+from distlstm.distributed.world import destroy_process_group, detect_world, init_process_group
 
 
 def make_batches(task: str, n: int, seed: int = 0) -> list[Batch]:

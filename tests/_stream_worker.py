@@ -8,13 +8,13 @@ import sys
 import torch
 
 from distlstm.config import Config, ModelConfig, TrainConfig
-from distlstm.data.index import open_index
-from distlstm.data.stream import StreamParams
-from distlstm.data.stream_loader import StreamLoader
+from distlstm.data.shards.index import open_index
+from distlstm.data.plan.stream import StreamParams
+from distlstm.data.loader.stream_loader import StreamLoader
 from distlstm.models.lstm import build_model
-from distlstm.parallel import AmpPolicy, apply_ddp, control_group
-from distlstm.trainer import Trainer, build_optimizer
-from distlstm.world import destroy_process_group, detect_world, init_process_group
+from distlstm.distributed.parallel import AmpPolicy, apply_ddp, control_group
+from distlstm.run.trainer import Trainer, build_optimizer
+from distlstm.distributed.world import destroy_process_group, detect_world, init_process_group
 
 
 def main() -> int:

@@ -27,9 +27,9 @@ sys.path.insert(0, str(HERE))
 import _loader_worker as lw  # noqa: E402
 
 from distlstm.data.errors import BadSampleError  # noqa: E402
-from distlstm.data.index import DatasetIndex, open_index  # noqa: E402
-from distlstm.data.plan import EpochPlan  # noqa: E402
-from distlstm.data.tar import write_sidecar  # noqa: E402
+from distlstm.data.shards.index import DatasetIndex, open_index  # noqa: E402
+from distlstm.data.plan.epoch import EpochPlan  # noqa: E402
+from distlstm.data.shards.tar import write_sidecar  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distlstm import train
-from distlstm.trainer import Trainer
+from distlstm.run.trainer import Trainer
 
 COMMON = ["--model.hidden_size", "16", "--data.synthetic_samples", "1000", "--data.max_tokens", "1024",
           "--data.num_workers", "0", "--log.progress", "false", "--log.tensorboard", "false",
@@ -49,7 +49,7 @@ def test_keep_best_keeps_the_best_checkpoint_outside_keep_last(tmp_path, monkeyp
                              metric, "--checkpoint.keep_last", "1", "--checkpoint.every_steps", "5")
     assert checkpoints(run_dir) == [f"step-{best:06d}", "step-000030"]
     assert (run_dir / "checkpoints" / "best").read_text().strip() == f"step-{best:06d}"
-    from distlstm.artifacts import resolve_checkpoint
+    from distlstm.checkpoint.artifacts import resolve_checkpoint
     assert resolve_checkpoint(run_dir, "best").name == f"step-{best:06d}"
     # The record is part of the train state in every checkpoint (a resumed run continues it).
     extra = json.loads((run_dir / "checkpoints" / "step-000030" / "extra.json").read_text())

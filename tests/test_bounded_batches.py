@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from distlstm.config import DataConfig, ModelConfig
-from distlstm.data.index import open_index
-from distlstm.data.loader import build_loader
-from distlstm.data.plan import EpochPlan
-from distlstm.data.prep import ShardWriter
+from distlstm.data.shards.index import open_index
+from distlstm.data.loader.batch_loader import build_loader
+from distlstm.data.plan.epoch import EpochPlan
+from distlstm.data.prep.prep import ShardWriter
 from distlstm.models.lstm import build_model, loss_and_metrics
 from distlstm.tasks import get_task
 

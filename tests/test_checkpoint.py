@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distlstm.checkpoint import CheckpointManager, rng_state, set_rng_state, tree_hash, verify_checkpoint
+from distlstm.checkpoint.manager import CheckpointManager, rng_state, set_rng_state, tree_hash, verify_checkpoint
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_ckpt_worker.py"

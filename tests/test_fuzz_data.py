@@ -124,7 +124,7 @@ def _npy(array) -> bytes:
 
 
 def _write_tar(path: Path, tokens, labels, hit_rows, kinds, sidecar: bool) -> None:
-    from distlstm.data.tar import write_sidecar
+    from distlstm.data.shards.tar import write_sidecar
 
     bad = hit_rows
     with tarfile.open(path, "w") as tf:

@@ -15,9 +15,9 @@ import torch
 from distlstm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from distlstm.data.batch import Batch
 from distlstm.models.lstm import build_model, loss_and_metrics
-from distlstm.parallel import AmpPolicy
-from distlstm.trainer import Trainer, build_optimizer
-from distlstm.world import detect_world
+from distlstm.distributed.parallel import AmpPolicy
+from distlstm.run.trainer import Trainer, build_optimizer
+from distlstm.distributed.world import detect_world
 from tests._step_worker import make_batches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -88,7 +88,7 @@ def _ragged_lm_batches(steps: int, seed: int = 0) -> list[Batch]:
 
 
 def _lm_trainer(precision: str, accum: int, graphs: bool, optimizer: str = "adamw"):
-    from distlstm.graphs import StepGraphs, use_training_stream
+    from distlstm.run.graphs import StepGraphs, use_training_stream
     device = torch.device("cuda")
     if graphs:
         use_training_stream(device)
@@ -137,7 +137,7 @@ def test_graphed_steps_match_eager_steps(precision, accum, optimizer):
 def test_graphed_step_skips_a_non_finite_update():
     """The non-finite guard is inside the graph: a replay whose gradient is not finite (an infinite
     loss scale) leaves the weights as they were and counts a bad step on the device."""
-    from distlstm.graphs import _key
+    from distlstm.run.graphs import _key
     batches = [b.to("cuda") for b in _ragged_lm_batches(3)]
     try:
         trainer = _lm_trainer("bf16", 1, True)
@@ -173,7 +173,7 @@ def test_prefetched_batches_match_the_host_batches(tmp_path):
 
 
 def test_auto_max_tokens_probe_fits_and_leaves_the_model_alone():
-    from distlstm.autotune import AUTO_MAX_TOKENS, PROBE_MIN_TOKENS, probe_max_tokens
+    from distlstm.run.autotune import AUTO_MAX_TOKENS, PROBE_MIN_TOKENS, probe_max_tokens
     device = torch.device("cuda")
     cfg = Config(data=DataConfig(max_tokens="auto", max_length=512),
                  model=ModelConfig(task="lm", input="tokens", hidden_size=256, embed_size=128, num_layers=2),

@@ -15,11 +15,11 @@ import sys
 import pytest
 import torch
 
-from distlstm.autotune import GRAPH_SHAPE_BUCKETS, resolve_auto
+from distlstm.run.autotune import GRAPH_SHAPE_BUCKETS, resolve_auto
 from distlstm.config import CPU_MAX_TOKENS, ConfigError, load_config
-from distlstm.graphs import graphs_decision
+from distlstm.run.graphs import graphs_decision
 from distlstm.models.lstm import build_model
-from distlstm.parallel import AmpPolicy
+from distlstm.distributed.parallel import AmpPolicy
 
 CUDA = torch.device("cuda")  # a device object only: nothing here touches a GPU
 

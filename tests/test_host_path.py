@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _loader_worker as lw  # noqa: E402
 
 from distlstm.data.batch import Batch  # noqa: E402
-from distlstm.data.prefetch import prefetch_to_device  # noqa: E402
+from distlstm.data.loader.prefetch import prefetch_to_device  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distlstm.checkpoint import CheckpointManager, verify_checkpoint
-from distlstm.checkpoint_guard import KEY_ENV, SIGNATURE
-from distlstm.run_lock import LOCK_NAME, RunDirLocked, RunLock, me
+from distlstm.checkpoint.manager import CheckpointManager, verify_checkpoint
+from distlstm.checkpoint.guard import KEY_ENV, SIGNATURE
+from distlstm.run.run_lock import LOCK_NAME, RunDirLocked, RunLock, me
 from tests.test_resume import final, launch, ok, resumed_step, tracebacks, valid_checkpoints
 
 pytestmark = pytest.mark.timeout(300)
@@ -283,7 +283,7 @@ def test_stale_lock_rules(tmp_path, monkeypatch):
 
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        from distlstm.run_lock import _process_start
+        from distlstm.run.run_lock import _process_start
         with pytest.raises(RunDirLocked, match=f"in use by pid {live.pid} "):
             attempt({**mine, "pid": live.pid, "pid_start": _process_start(live.pid)})
     finally:

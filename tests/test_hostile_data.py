@@ -25,12 +25,12 @@ import pytest
 
 from distlstm.config import DataConfig
 from distlstm.data.errors import BadSampleError
-from distlstm.data.formats import read_parquet_chunk
-from distlstm.data.index import open_index
-from distlstm.data.loader import build_loader
+from distlstm.data.shards.parquet import read_parquet_chunk
+from distlstm.data.shards.index import open_index
+from distlstm.data.loader.batch_loader import build_loader
 from distlstm.data.sources import RetriesExhaustedError
-from distlstm.data.tar import read_tar_chunk
-from distlstm.data.workers import track_workers
+from distlstm.data.shards.tar import read_tar_chunk
+from distlstm.data.loader.workers import track_workers
 from distlstm.train import main
 
 pytestmark = pytest.mark.timeout(120)
@@ -139,7 +139,7 @@ def test_float_class_labels_are_an_error_naming_the_row(tmp_path, capsys):
 def test_shard_changed_after_prep_is_refused_at_index_time(tmp_path):
     """Item 6: the manifest's per-shard bytes are compared at index time (a stat), its sha256 on
     request (data.verify=sha256), so a shard rewritten after prep does not train without a word."""
-    from distlstm.data.synthetic import _samples, _write_split
+    from distlstm.data.prep.synthetic import _samples, _write_split
 
     seqs, labels = _samples(300, seed=1)
     folder = tmp_path / "prepared"
@@ -200,7 +200,7 @@ def test_tar_member_no_field_uses_is_not_read(tmp_path):
     hold it (it used to be read in full, into every worker). Peak RSS measured in a fresh process."""
     shard = tmp_path / "big.tar.gz"
     _tar_gz(shard, big_member=300_000_000)
-    probe = ("import resource, sys; from distlstm.data.tar import read_tar_chunk\n"
+    probe = ("import resource, sys; from distlstm.data.shards.tar import read_tar_chunk\n"
              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
              "chunk = read_tar_chunk(sys.argv[1], task='classify')\n"
              "grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024\n"

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distlstm.config import DataConfig
-from distlstm.data.index import open_index
-from distlstm.data.loader import build_loader
+from distlstm.data.shards.index import open_index
+from distlstm.data.loader.batch_loader import build_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 

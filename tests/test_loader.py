@@ -20,9 +20,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _loader_worker as lw  # noqa: E402
 
-from distlstm.data import prep  # noqa: E402
-from distlstm.data.index import open_index  # noqa: E402
-from distlstm.data.plan import EpochPlan  # noqa: E402
+from distlstm.data.prep import prep  # noqa: E402
+from distlstm.data.shards.index import open_index  # noqa: E402
+from distlstm.data.plan.epoch import EpochPlan  # noqa: E402
 
 
 @pytest.fixture
@@ -182,7 +182,7 @@ def test_elastic_resume_with_auto_streams_and_real_workers(tmp_path, new, new_wo
 def test_streams_auto_is_ranks_times_workers_when_the_data_allows(chunks, expected):
     """auto = ranks x workers (2 x 2 here) when every stream gets at least `min_chunks_per_stream`
     chunks, else the largest divisor of it that does."""
-    from distlstm.data.loader import resolve_streams
+    from distlstm.data.loader.batch_loader import resolve_streams
     kw = dict(dp_world_size=2, num_workers=2, min_chunks_per_stream=8)
     assert resolve_streams("auto", num_chunks=chunks, **kw) == expected
     assert resolve_streams(3, num_chunks=chunks, **kw) == 3
@@ -252,8 +252,8 @@ def test_moved_dataset_keeps_its_fingerprint_and_a_damaged_cache_is_rebuilt(tmp_
     new signed URL) still resumes. A truncated index cache entry is rebuilt, not fatal."""
     import shutil
 
-    from distlstm.data.index import open_index
-    from distlstm.data.synthetic import ensure_synthetic
+    from distlstm.data.shards.index import open_index
+    from distlstm.data.prep.synthetic import ensure_synthetic
     root = ensure_synthetic(tmp_path / "a", num_train=600, num_valid=50)
     moved = tmp_path / "b" / "train"
     shutil.copytree(root / "train", moved)

@@ -9,12 +9,12 @@ import json
 
 import pytest
 
-from distlstm.build import resolve_config
+from distlstm.run.build import resolve_config
 from distlstm.config import load_config
-from distlstm.data.index import open_index
-from distlstm.data.manifest import Manifest, ShardInfo
+from distlstm.data.shards.index import open_index
+from distlstm.data.shards.manifest import Manifest, ShardInfo
 from distlstm.data.sources import expand_paths
-from distlstm.data.synthetic import VOCAB_SIZE, ensure_synthetic
+from distlstm.data.prep.synthetic import VOCAB_SIZE, ensure_synthetic
 
 
 def test_round_trip_keeps_known_and_unknown_keys(tmp_path):

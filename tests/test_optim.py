@@ -20,11 +20,11 @@ import torch
 
 from distlstm.config import Config, ConfigError, ModelConfig, OptimConfig, TrainConfig, load_config
 from distlstm.models.lstm import build_model
-from distlstm.optim import PlateauSchedule
-from distlstm.parallel import AmpPolicy
-from distlstm.train_state import _decode, _encode
-from distlstm.trainer import Trainer, build_optimizer
-from distlstm.world import detect_world
+from distlstm.run.optim import PlateauSchedule
+from distlstm.distributed.parallel import AmpPolicy
+from distlstm.checkpoint.codec import _decode, _encode
+from distlstm.run.trainer import Trainer, build_optimizer
+from distlstm.distributed.world import detect_world
 from tests._step_worker import make_batches
 
 RECIPES = {

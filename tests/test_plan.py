@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distlstm.data.plan import EpochPlan, PlanParams, bucket_batch_sizes, bucket_edges, padding_fraction
+from distlstm.data.plan.epoch import EpochPlan, PlanParams, bucket_batch_sizes, bucket_edges, padding_fraction
 
 WORLD_SIZES = (1, 2, 3, 8, 64)
 

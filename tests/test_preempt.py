@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from distlstm.preempt import PreemptionHandler
-from distlstm.world import SINGLE
+from distlstm.distributed.preempt import PreemptionHandler
+from distlstm.distributed.world import SINGLE
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A stand-in trainer: every "step" sleeps, prints, then asks whether all ranks agree to stop.
 LOOP = textwrap.dedent("""
     import sys, time
-    from distlstm.preempt import PreemptionHandler
-    from distlstm.world import detect_world, init_process_group, destroy_process_group
+    from distlstm.distributed.preempt import PreemptionHandler
+    from distlstm.distributed.world import detect_world, init_process_group, destroy_process_group
     world = detect_world()
     init_process_group(world, backend="gloo", timeout_s=60)
     handler = PreemptionHandler().install()

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from distlstm.data import prep
+from distlstm.data.prep import prep
 from distlstm.data.sources import expand_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ def test_csv_regression_with_json_cells(tmp_path):
     m = _run("--csv", str(tmp_path / "in.csv"), "--tokens-field", "ids", "--label-field", "y",
              "--task", "regress", "--valid-fraction", "0", "--format", "tar", "--out", str(tmp_path / "o"))["train"]
     assert (m["format"], m["label_column"], m["vocab_size"], m["num_classes"]) == ("tar", "label", 11, None)
-    from distlstm.data.tar import read_tar_chunk
+    from distlstm.data.shards.tar import read_tar_chunk
 
     chunk = read_tar_chunk(str(tmp_path / "o/train" / m["shards"][0]["path"]), task="regress")
     assert chunk.labels.tolist() == [i / 4 for i in range(10)] and chunk.lengths.tolist() == list(range(1, 11))

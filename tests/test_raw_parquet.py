@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from distlstm.config import ConfigError, load_config
-from distlstm.build import resolve_config
-from distlstm.data.dims import DataDims
-from distlstm.data.index import open_index
+from distlstm.run.build import resolve_config
+from distlstm.data.shards.dims import DataDims
+from distlstm.data.shards.index import open_index
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model.hidden_size", "32", "--model.embed_size", "16", "--data.max_tokens", "1024", "--log.progress",

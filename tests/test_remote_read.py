@@ -27,9 +27,9 @@ sys.path.insert(0, str(HERE))
 import _loader_worker as lw  # noqa: E402
 from _http_server import bytes_sent  # noqa: E402
 
-from distlstm.data import prep  # noqa: E402
-from distlstm.data.index import open_index  # noqa: E402
-from distlstm.data.parquet_remote import column_chunk_ranges  # noqa: E402
+from distlstm.data.prep import prep  # noqa: E402
+from distlstm.data.shards.index import open_index  # noqa: E402
+from distlstm.data.shards.parquet_remote import column_chunk_ranges  # noqa: E402
 from distlstm.data.sources import coalesce  # noqa: E402
 
 
@@ -132,8 +132,8 @@ def test_lm_stream_mode_reads_each_row_group_once_per_rank(tmp_path, http_server
     each row group its rows cross once per epoch, tokens and doc_start in one request, although a
     row's start and the previous row's end share a row group (read at the epoch's start and again
     at its end); only the row group where the two ranks' rows meet is read by both."""
-    from distlstm.data.stream import StreamParams
-    from distlstm.data.stream_loader import StreamLoader
+    from distlstm.data.plan.stream import StreamParams
+    from distlstm.data.loader.stream_loader import StreamLoader
     from tests._stream_data import documents, write_stream_parquet
     write_stream_parquet(http_server.root / "lm" / "s.parquet", documents(150, seed=2, max_len=80), piece=16,
                          rows_per_group=6)
@@ -174,7 +174,7 @@ def test_remote_batches_equal_local_and_footer_is_fetched_once_without_the_cache
     local = lw.take(lw.make_loader(str(server.root / "pq" / "train"), tmp_path / "cache-local", max_epochs=1), 10_000)
     server.take_log()
     index.footer_caches = [None] * len(index.shards)
-    from distlstm.data import parquet_remote
+    from distlstm.data.shards import parquet_remote
     parquet_remote._metadata.cache_clear()
     remote = lw.take(lw.make_loader(None, None, index=index, max_epochs=1), 10_000)
     assert remote == local
@@ -285,8 +285,8 @@ def test_object_store_reads_exact_ranges_through_fsspec(tmp_path):
 def test_a_stream_cut_midway_is_resumed_and_a_range_cut_is_retried(tmp_path, http_server):
     """A tar shard's stream that breaks off midway is re-opened and continued where it stopped; a
     row group's range that comes back short is fetched again: the data equals the local file's."""
-    from distlstm.data.formats import read_parquet_chunk
-    from distlstm.data.tar import read_tar_chunk
+    from distlstm.data.shards.parquet import read_parquet_chunk
+    from distlstm.data.shards.tar import read_tar_chunk
     tar_dir = _prep(tmp_path, http_server.root / "tar", fmt="tar", n=300) / "train"
     name = sorted(p.name for p in tar_dir.glob("*.tar"))[0]
     http_server.fail_once(f"tar/train/{name}", "cut")

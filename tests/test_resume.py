@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from distlstm.checkpoint import verify_checkpoint
+from distlstm.checkpoint.manager import verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 UTIL = ROOT / "tests" / "_resume_util.py"
@@ -349,7 +349,7 @@ def test_rank_death_with_a_torchrun_restart_resumes_bit_exact(clean_two, workdir
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: by default the restarted workers share the agent's TCPStore
     # with the dead ones, whose gloo addresses are still in it under the same keys; a new rank can read
     # a stale one and fail in connectFullMesh ("Connection refused"), about half the time on torch 2.13
-    # (pytorch/pytorch#135712). distlstm/world.py could instead prefix the store by restart count.
+    # (pytorch/pytorch#135712). distlstm/distributed/world.py could instead prefix the store by restart count.
     run = launch(run_dir, TWO, nproc=2, fault={**RANK1_DIES, "action": action}, torchrun_args=("--max-restarts=1",),
                  env_extra={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, timeout=240)
     assert run.rc == 0, run.out[-5000:]

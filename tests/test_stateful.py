@@ -17,15 +17,15 @@ import torch
 
 from distlstm.config import Config, DataConfig, ModelConfig, TrainConfig
 from distlstm.data.batch import Batch
-from distlstm.data.index import open_index
-from distlstm.data.stream import StreamParams
-from distlstm.data.stream_loader import StreamLoader
+from distlstm.data.shards.index import open_index
+from distlstm.data.plan.stream import StreamParams
+from distlstm.data.loader.stream_loader import StreamLoader
 from distlstm.models.lstm import build_model
-from distlstm.parallel import AmpPolicy
-from distlstm.stateful import StateCarrier
+from distlstm.distributed.parallel import AmpPolicy
+from distlstm.run.bptt import StateCarrier
 from distlstm.tasks import IGNORE_INDEX, get_task
-from distlstm.trainer import Trainer, build_optimizer, evaluate_model
-from distlstm.world import detect_world
+from distlstm.run.trainer import Trainer, build_optimizer, evaluate_model
+from distlstm.distributed.world import detect_world
 from helpers import free_port
 from tests._stream_data import doc_starts, documents, write_stream_parquet
 
@@ -216,7 +216,7 @@ def test_too_long_chunk_equals_the_unchunked_forward_and_truncated_gradient(task
 
 
 def test_too_long_chunk_keeps_long_samples_whole_in_the_loader(tmp_path):
-    from distlstm.data.loader import build_loader
+    from distlstm.data.loader.batch_loader import build_loader
     lengths = [5, 300, 40, 170, 9, 260]
     write_stream_parquet(tmp_path / "d" / "x.parquet", [np.arange(1, n + 1) % 30 + 1 for n in lengths],
                          piece=1000, with_flags=False)
@@ -231,7 +231,7 @@ def test_too_long_chunk_keeps_long_samples_whole_in_the_loader(tmp_path):
             seen[sid] = n
     assert seen == {i: n - 1 for i, n in enumerate(lengths)}, "lm windows: n tokens give n - 1 steps, none cut"
     with pytest.raises(Exception, match="data.too_long=chunk needs a per-step task"):
-        from distlstm.stateful import check_config
+        from distlstm.run.bptt import check_config
         check_config(Config(model=ModelConfig(task="classify"), data=DataConfig(too_long="chunk")))
 
 

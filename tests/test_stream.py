@@ -16,9 +16,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from distlstm.data.index import open_index
-from distlstm.data.stream import StreamLayout, StreamParams, chunk_length, merge_segments
-from distlstm.data.stream_loader import StreamLoader
+from distlstm.data.shards.index import open_index
+from distlstm.data.plan.stream import StreamLayout, StreamParams, chunk_length, merge_segments
+from distlstm.data.loader.stream_loader import StreamLoader
 from distlstm.tasks import IGNORE_INDEX
 from tests._stream_data import doc_starts, documents, trained_positions, write_stream_parquet
 
@@ -206,7 +206,7 @@ def test_workers_yield_the_same_batches_in_order(stream_index):
 
 
 def test_tar_shards_read_document_starts_from_the_sidecar(tmp_path):
-    from distlstm.data.prep import build_parser, run
+    from distlstm.data.prep.prep import build_parser, run
     docs = ["one two three four five six seven\n" * 3, "eight nine ten\n", "eleven twelve\n" * 4]
     (tmp_path / "t.txt").write_text("\n".join(docs))
     for fmt in ("tar", "parquet"):
@@ -233,8 +233,8 @@ def test_a_sidecar_that_cannot_be_read_stops_instead_of_dropping_the_document_st
     """Only a shard without a sidecar (or a sidecar without flags) reads as one document per row; a
     sidecar that fails to download or parse is an error, not silently different state resets."""
     from distlstm.data.errors import BadSampleError
-    from distlstm.data.stream_loader import TokenStore
-    from distlstm.data.prep import build_parser, run
+    from distlstm.data.loader.stream_loader import TokenStore
+    from distlstm.data.prep.prep import build_parser, run
     from tests._http_server import HttpServer
     (tmp_path / "t.txt").write_text("one two three four five six\n\nseven eight nine ten\n")
     run(build_parser().parse_args(["--text", str(tmp_path / "t.txt"), "--doc-per", "blank-line", "--tokenizer",
@@ -257,8 +257,8 @@ def test_a_sidecar_that_cannot_be_read_stops_instead_of_dropping_the_document_st
         TokenStore(index)._decode(0)
 
 def test_windows_layout_data_reads_each_row_as_a_document_and_says_so(tmp_path, capsys):
-    from distlstm.data.prep import build_parser, run
-    from distlstm.data.stream_loader import build_stream_loader
+    from distlstm.data.prep.prep import build_parser, run
+    from distlstm.data.loader.stream_loader import build_stream_loader
     from distlstm.config import DataConfig
     (tmp_path / "t.txt").write_text("abcdefgh" * 100)
     run(build_parser().parse_args(["--text", str(tmp_path / "t.txt"), "--lm-layout", "windows", "--seq-len", "8",
@@ -273,9 +273,9 @@ def test_windows_layout_data_reads_each_row_as_a_document_and_says_so(tmp_path, 
     assert targets == 800 - 1
     # Counting an epoch's steps (the lr schedule of a train.max_epochs run) says nothing: the note
     # comes once, through the run's log, when the loader is built.
-    from distlstm.build import total_steps
+    from distlstm.run.build import total_steps
     from distlstm.config import Config, ModelConfig, TrainConfig
-    from distlstm.world import detect_world
+    from distlstm.distributed.world import detect_world
     cfg = Config(model=ModelConfig(task="lm"), data=DataConfig(batch_size=3, bptt=4),
                  train=TrainConfig(max_steps=0, max_epochs=2))
     assert total_steps(cfg, index, detect_world({})) == 2 * 75  # 100 rows of 9 tokens: 3 rows of 300 targets
@@ -293,7 +293,7 @@ def test_switching_lm_mode_between_checkpoint_and_resume_is_a_clear_error(stream
     """A stream-mode data position resumed by the windows loader (and the reverse) names
     data.lm_mode instead of failing on a missing key."""
     from distlstm.config import DataConfig
-    from distlstm.data.loader import build_loader
+    from distlstm.data.loader.batch_loader import build_loader
     index, _ = stream_index
     index.label_column = None
     windows = build_loader(index, DataConfig(lm_mode="windows", num_workers=0, seed=0), task="lm", dp_rank=0, dp_world_size=1,

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from webdataset import TarWriter
 
-from distlstm.data import prep
+from distlstm.data.prep import prep
 from distlstm.data.errors import BadSampleError
-from distlstm.data.tar import read_tar_chunk, sidecar_url, tar_lengths
+from distlstm.data.shards.tar import read_tar_chunk, sidecar_url, tar_lengths
 
 
 def _npy(array) -> bytes:

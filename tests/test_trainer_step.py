@@ -10,9 +10,9 @@ import torch
 
 from distlstm.config import Config, ModelConfig, TrainConfig
 from distlstm.models.lstm import build_model
-from distlstm.parallel import AmpPolicy
-from distlstm.trainer import NonFiniteError, Trainer, build_optimizer
-from distlstm.world import detect_world
+from distlstm.distributed.parallel import AmpPolicy
+from distlstm.run.trainer import NonFiniteError, Trainer, build_optimizer
+from distlstm.distributed.world import detect_world
 from tests._step_worker import make_batches
 
 
@@ -65,7 +65,7 @@ def test_persistent_nonfinite_stops_naming_the_module():
     for _ in range(3):
         trainer.train_step([batch])
         trainer.last_micro = [batch]
-    from distlstm.trainer import _Interval
+    from distlstm.run.trainer import _Interval
     with pytest.raises(NonFiniteError, match=r"3 consecutive .* first non-finite value: output of module 'embedding'"):
         trainer._log_interval(_Interval())
 
@@ -88,8 +88,8 @@ def test_nonfinite_skip_does_not_advance_the_schedule_or_counters():
 def test_epoch_limited_run_spans_the_cosine_over_its_real_length(tmp_path):
     """train.max_steps 0 + train.max_epochs N: the schedule length comes from the data plan."""
     from distlstm.config import load_config
-    from distlstm.data.index import open_index
-    from distlstm.data.synthetic import ensure_synthetic
+    from distlstm.data.shards.index import open_index
+    from distlstm.data.prep.synthetic import ensure_synthetic
     from distlstm.train import total_steps
     root = ensure_synthetic(tmp_path, num_train=1000, num_valid=100)
     index = open_index(str(root / "train"), cache_dir=tmp_path)

@@ -6,7 +6,7 @@ in rendezvous, two ranks reading the same shard, or a batch script treated as ra
 
 import pytest
 
-from distlstm.world import (SINGLE, World, describe, detect_world, parse_hostlist,
+from distlstm.distributed.world import (SINGLE, World, describe, detect_world, parse_hostlist,
                             parse_tasks_per_node, slurm_master_port)
 
 

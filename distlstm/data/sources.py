@@ -583,7 +583,7 @@ def _is_shard_name(name: str) -> bool:
 
 
 def _manifest_shards(manifest_url: str, storage_options: dict | None, retries: int = 3) -> list[str]:
-    from distlstm.data.manifest import Manifest  # late: manifest reads through this module
+    from distlstm.data.shards.manifest import Manifest  # late: manifest reads through this module
     return Manifest.read(manifest_url, storage_options=storage_options, retries=retries).shard_urls()
 
 

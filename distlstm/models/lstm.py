@@ -4,7 +4,7 @@ Inputs follow the batch contract in docs/design.md: right-padded `(B, T)` token 
 float features plus `(B,)` int64 `lengths`. Padding is defined by `lengths` alone (token id 0 is an
 ordinary token), and padding never changes a sample's outputs, loss or gradients.
 
-This file never imports torch.distributed: DDP, AMP policy and compile live in distlstm/parallel.py.
+This file never imports torch.distributed: DDP, AMP policy and compile live in distlstm/distributed/parallel.py.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ Use (every call on every rank, in the same order)::
     mgr.close()                           # commits an in-flight async save
 
 Nothing is unpickled freely: DCP's ``.metadata`` goes through an allow-list unpickler and every
-``.pt`` through ``torch.load(weights_only=True)`` (distlstm/checkpoint_guard.py, part of
+``.pt`` through ``torch.load(weights_only=True)`` (distlstm/checkpoint/guard.py, part of
 verification, so a planted file makes the checkpoint invalid and loading falls back to an older
 one); everything else is JSON. With ``DISTLSTM_CHECKPOINT_KEY`` set, MANIFEST.json is signed
 (``MANIFEST.sig``, HMAC-SHA256) and unsigned or mis-signed checkpoints are refused.
@@ -57,10 +57,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-from distlstm.checkpoint_guard import (SIGNATURE, SafeFileSystemReader, UnsafeCheckpointError, content_problems,
+from distlstm.checkpoint.guard import (SIGNATURE, SafeFileSystemReader, UnsafeCheckpointError, content_problems,
                                        signature)
 from distlstm.errors import RunError, failure_text
-from distlstm.train_state import (  # noqa: F401  (rng_state, set_rng_state, tree_hash: public here too)
+from distlstm.checkpoint.codec import (  # noqa: F401  (rng_state, set_rng_state, tree_hash: public here too)
     _decode, _encode, _flat, _get_train_state, _merge, _split, _to_cpu_copy, rng_state, set_rng_state, tree_hash,
 )
 

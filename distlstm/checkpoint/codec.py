@@ -1,6 +1,6 @@
 """The train state as files can hold it without pickle: a JSON codec that carries tensors beside
 the JSON, nested state-dict helpers, per-rank RNG state, and a parameter hash for bit-exact tests.
-Used by distlstm/checkpoint.py (which re-exports `rng_state`, `set_rng_state`, `tree_hash`)."""
+Used by distlstm/checkpoint/manager.py (which re-exports `rng_state`, `set_rng_state`, `tree_hash`)."""
 
 from __future__ import annotations
 

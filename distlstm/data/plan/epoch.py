@@ -17,7 +17,7 @@ One epoch, step by step:
    with *fillers* (its own last batch again, weight 0), so `g % K` names the stream of every slot.
    The list of global batches does not depend on the world size.
 
-With `shape_buckets = N > 0` (bounded shapes, distlstm/data/shapes.py) step 3 pads every batch to
+With `shape_buckets = N > 0` (bounded shapes, distlstm/data/plan/shapes.py) step 3 pads every batch to
 one of at most N (rows, length) shapes instead: full batches class by class, the leftovers of a
 length class moving up to the next, one partial batch per window (the loader fills it with dummy
 rows), and windows grown to at least `shapes.MIN_WINDOW_BATCHES` batches of tokens.
@@ -47,7 +47,7 @@ from typing import Iterator
 
 import numpy as np
 
-from distlstm.data import shapes as bounded
+from distlstm.data.plan import shapes as bounded
 
 # Geometric bucket edges: a bucket spans lengths (edge[k-1], edge[k]]. 5% steps keep the worst-case
 # padding inside a bucket small, and sorting inside the window makes the typical case far smaller.

@@ -14,7 +14,7 @@ Loading must then never run their code and, at worst, loads their numbers:
   saved, and unsigned or mis-signed checkpoints are refused: then nobody without the key can plant
   numbers either. Keep the key outside the run directory (an environment variable or a secret store).
 
-`content_problems` is part of `distlstm.checkpoint.verify_checkpoint`, so a checkpoint that fails
+`content_problems` is part of `distlstm.checkpoint.manager.verify_checkpoint`, so a checkpoint that fails
 any of this is skipped with a message and the previous valid one is loaded.
 """
 

@@ -11,7 +11,7 @@ training processes by launch/slurm/*.sbatch, because torchrun does not forward i
 what SLURM sends on scancel, preemption and at the time limit. SIGINT (Ctrl-C) stops the same way
 (a checkpoint, then exit 130); a second Ctrl-C exits at once, without one. The stop signals reach
 DataLoader workers too when they go to the whole process group; workers ignore them
-(`distlstm.data.workers.worker_init`), so the trainer decides.
+(`distlstm.data.loader.workers.worker_init`), so the trainer decides.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from distlstm.world import World
+from distlstm.distributed.world import World
 
 
 class PreemptionHandler:

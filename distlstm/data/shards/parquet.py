@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distlstm.data.batch import Chunk
-from distlstm.data.plan import _segments
+from distlstm.data.plan.epoch import _segments
 from distlstm.data.errors import BadSampleError
-from distlstm.data.parquet_remote import RemoteParquetFile, Source, fetch_footer, parse_footer
+from distlstm.data.shards.parquet_remote import RemoteParquetFile, Source, fetch_footer, parse_footer
 from distlstm.data.sources import redact
 from distlstm.tasks import get_task
 

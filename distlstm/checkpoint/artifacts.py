@@ -59,7 +59,7 @@ class Vocab:
         return len(self.tokens)
 
     def encode(self, text: str) -> list[int]:
-        from distlstm.data.prep import _tokenize
+        from distlstm.data.prep.prep import _tokenize
         return [self._ids.get(t, self.unk_id) for t in _tokenize(text, self.tokenizer)]
 
     def decode(self, ids) -> str:
@@ -130,8 +130,8 @@ def write_model(model: nn.Module, cfg: Config, out: Path, *, step: int, source: 
     """model.safetensors + config.json (+ vocab.json / labels.json copied from `source`, a run
     directory) into `out`. Leader only."""
     from safetensors.torch import save_model
-    from distlstm.parallel import unwrap
-    from distlstm.train_state import tree_hash
+    from distlstm.distributed.parallel import unwrap
+    from distlstm.checkpoint.codec import tree_hash
     out.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
     for name in (VOCAB, LABELS):
@@ -152,7 +152,7 @@ def write_model(model: nn.Module, cfg: Config, out: Path, *, step: int, source: 
 def resolve_checkpoint(run_dir: Path, which: str) -> Path:
     """The checkpoint directory `which` names in a run: latest (newest valid), best (kept by
     checkpoint.keep_best), step-N, or a path. ValueError naming the choices when there is none."""
-    from distlstm.checkpoint import _STEP_DIR, BEST, committed_steps, find_valid, verify_checkpoint
+    from distlstm.checkpoint.manager import _STEP_DIR, BEST, committed_steps, find_valid, verify_checkpoint
     ckpts = Path(run_dir) / "checkpoints"
     if which == "latest":
         found, notes = find_valid(ckpts)
@@ -182,8 +182,8 @@ def load_checkpoint_weights(model: nn.Module, path: Path) -> None:
     rest of the train state are not read. Works with or without a process group (no collectives)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-    from distlstm.checkpoint import _check_shapes, _quiet_single_process
-    from distlstm.checkpoint_guard import SafeFileSystemReader
+    from distlstm.checkpoint.manager import _check_shapes, _quiet_single_process
+    from distlstm.checkpoint.guard import SafeFileSystemReader
     state = {"model": get_model_state_dict(model)}
     reader = SafeFileSystemReader(path)  # never DCP's own: it unpickles .metadata with pickle.load
     _check_shapes(path, state, reader.read_metadata())

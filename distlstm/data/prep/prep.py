@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from distlstm.data.manifest import Manifest, ShardInfo
-from distlstm.data.stream import DOC_START_COLUMN
+from distlstm.data.shards.manifest import Manifest, ShardInfo
+from distlstm.data.plan.stream import DOC_START_COLUMN
 from distlstm.tasks import TASKS, get_task
 
 
@@ -493,7 +493,7 @@ class ShardWriter:
         self.file.close()
         size = os.path.getsize(self.path)
         if self.fmt == "tar":
-            from distlstm.data.tar import write_sidecar
+            from distlstm.data.shards.tar import write_sidecar
 
             write_sidecar(self.path, self.keys, self.lengths, size,
                           extra={DOC_START_COLUMN: [int(f) for f in self.doc_start]} if self.doc_start else None)

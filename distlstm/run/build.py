@@ -24,20 +24,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distlstm.autotune import resolve_auto
+from distlstm.run.autotune import resolve_auto
 from distlstm.config import Config, ConfigError
-from distlstm.data.dims import DataDims
-from distlstm.data.index import DatasetIndex, default_cache_dir, open_index
-from distlstm.data.loader import BatchLoader, build_loader, plan_params, streams_for
-from distlstm.data.plan import EpochPlan
+from distlstm.data.shards.dims import DataDims
+from distlstm.data.shards.index import DatasetIndex, default_cache_dir, open_index
+from distlstm.data.loader.batch_loader import BatchLoader, build_loader, plan_params, streams_for
+from distlstm.data.plan.epoch import EpochPlan
 from distlstm.data.sources import redact
-from distlstm.graphs import use_training_stream
-from distlstm.data.stream_loader import build_stream_loader
+from distlstm.run.graphs import use_training_stream
+from distlstm.data.loader.stream_loader import build_stream_loader
 from distlstm.models.lstm import SequenceModel, build_model, num_parameters
-from distlstm.parallel import AmpPolicy, all_reduce_host, apply_ddp, ddp_options
-from distlstm.stateful import check_config, uses_stream
+from distlstm.distributed.parallel import AmpPolicy, all_reduce_host, apply_ddp, ddp_options
+from distlstm.run.bptt import check_config, uses_stream
 from distlstm.tasks import Task, get_task
-from distlstm.world import World
+from distlstm.distributed.world import World
 
 INDEX_TIMEOUT_S = 3600
 
@@ -88,7 +88,7 @@ def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Ca
     ddp_model = apply_ddp(model, world, device, **ddp_options(cfg.train)) if training else model
     optimizer = scheduler = None
     if training:
-        from distlstm.trainer import build_optimizer
+        from distlstm.run.trainer import build_optimizer
         optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps(cfg, train_index, world), device)
     train_loader, valid_loader = build_loaders(cfg, world, device, group, run_dir, train_index, valid_index, log=log)
     if train_loader is not None:
@@ -102,7 +102,7 @@ def build_loaders(cfg: Config, world: World, device: torch.device, group, run_di
                   train_index: DatasetIndex | None, valid_index: DatasetIndex | None, log=print):
     """This rank's training loader (shuffled, workers, the plan-hash check across ranks) and
     validation loader (in order, in-process, one pass). lm stream mode: stream loaders over the
-    contiguous token stream instead (distlstm/data/stream_loader.py)."""
+    contiguous token stream instead (distlstm/data/loader/stream_loader.py)."""
     def agree(value: int) -> bool:
         lo, hi = all_reduce_host([float(-value), float(value)], group, op=dist.ReduceOp.MAX)
         return -lo == hi == value
@@ -116,7 +116,7 @@ def build_loaders(cfg: Config, world: World, device: torch.device, group, run_di
         valid = build_stream_loader(valid_index, cfg.data, max_epochs=1, num_workers=0, split="valid",
                                     **kw) if valid_index is not None else None
         return train, valid
-    # On a GPU the batches arrive on it, copied one step ahead (distlstm/data/prefetch.py).
+    # On a GPU the batches arrive on it, copied one step ahead (distlstm/data/loader/prefetch.py).
     kw = dict(task=m.task, dp_rank=world.rank, dp_world_size=world.world_size, vocab_size=m.vocab_size,
               num_classes=m.num_classes, pin_memory=device.type == "cuda", run_dir=run_dir,
               device=device if device.type == "cuda" else None,
@@ -138,7 +138,7 @@ def load_data(cfg: Config, log, *, train: bool = True) -> tuple[DatasetIndex | N
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
     train_spec, valid_spec = d.train, d.valid
     if not train_spec:
-        from distlstm.data.synthetic import ensure_synthetic
+        from distlstm.data.prep.synthetic import ensure_synthetic
         root = ensure_synthetic(cache, num_train=d.synthetic_samples)
         log(f"data: embedded synthetic dataset in {root}")
         train_spec, valid_spec = str(root / "train"), valid_spec or str(root / "valid")
@@ -180,7 +180,7 @@ def resolve_config(cfg: Config, index: DatasetIndex | None, *, valid_index: Data
     """`cfg` with `model.input` decided (auto -> features when the data has feature vectors) and the
     sizes that come from the data (vocab, features, classes) filled in, so that the saved config
     rebuilds the same model: from the config, else the manifest, else (raw Parquet) the shards'
-    footers (`distlstm.data.dims`: the vocabulary spans `index` and `valid_index`). Errors name the
+    footers (`distlstm.data.shards.dims`: the vocabulary spans `index` and `valid_index`). Errors name the
     key to set when a size is unknown."""
     m = cfg.model
     task = get_task(m.task)

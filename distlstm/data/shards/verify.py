@@ -19,7 +19,7 @@ _FIX = "restore the shard, or re-run distlstm.prep to rebuild the dataset and it
 def verify_shards(shards: list[str], entries: list, mode: str, *, infos: list[dict],
                   storage_options: dict | None = None, retries: int = 3) -> None:
     """Raise BadSampleError for the first shard whose size (or sha256) differs from its manifest
-    entry (`distlstm.data.manifest.ShardInfo`: `bytes` and `sha256`, either may be None). `infos`:
+    entry (`distlstm.data.shards.manifest.ShardInfo`: `bytes` and `sha256`, either may be None). `infos`:
     each shard's `file_info`, which the index reads anyway."""
     if mode == "none":
         return

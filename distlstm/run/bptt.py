@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from distlstm.data.batch import Batch
-from distlstm.data.stream_loader import StreamLoader
+from distlstm.data.loader.stream_loader import StreamLoader
 
 
 @dataclass

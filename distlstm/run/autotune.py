@@ -2,7 +2,7 @@
 `train.cuda_graphs`, `data.shape_buckets` and `data.max_tokens` ("auto").
 
 - train.cuda_graphs=auto: on for a CUDA device with a model and precision that can be captured
-  (distlstm/graphs.py `graphs_decision`), off otherwise (always off on CPU).
+  (distlstm/run/graphs.py `graphs_decision`), off otherwise (always off on CPU).
 - data.shape_buckets=auto: 64 bounded shapes when graphs are on (what a graph per shape needs; the
   count is justified in docs/design.md, "Bounded shapes"), else 0 (pad to each batch's longest).
 - data.max_tokens=auto: on CPU the default budget (8192); on CUDA the largest budget whose step
@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from distlstm.config import AUTO, CPU_MAX_TOKENS, Config
-from distlstm.graphs import graphs_decision
-from distlstm.parallel import AmpPolicy, all_reduce_host
+from distlstm.run.graphs import graphs_decision
+from distlstm.distributed.parallel import AmpPolicy, all_reduce_host
 
 GRAPH_SHAPE_BUCKETS = 64
 AUTO_MAX_TOKENS = 262_144

@@ -31,11 +31,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from distlstm.config import AUTO, CPU_MAX_TOKENS
 from distlstm.data.batch import Batch, Chunk
 from distlstm.data.errors import BadSampleError
-from distlstm.data.index import DatasetIndex
-from distlstm.data.plan import EpochPlan, PlanParams
-from distlstm.data.fetch import WindowFetcher
-from distlstm.data.prefetch import prefetch_to_device
-from distlstm.data.workers import ship_failures, worker_batches
+from distlstm.data.shards.index import DatasetIndex
+from distlstm.data.plan.epoch import EpochPlan, PlanParams
+from distlstm.data.loader.fetch import WindowFetcher
+from distlstm.data.loader.prefetch import prefetch_to_device
+from distlstm.data.loader.workers import ship_failures, worker_batches
 from distlstm.tasks import Task, _per_sample_any, get_task
 
 STATE_VERSION = 2  # 2: + "streams"; a version 1 state was saved with one stream
@@ -368,7 +368,7 @@ class BatchLoader:
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_epochs, self.agree = max_epochs, agree
         self.device = device
-        """Set: batches arrive on this device, copied one batch ahead (distlstm/data/prefetch.py)."""
+        """Set: batches arrive on this device, copied one batch ahead (distlstm/data/loader/prefetch.py)."""
         self.assembler = _Assembler(index, task=task, max_length=params.max_length, vocab_size=vocab_size,
                                     num_classes=num_classes, on_bad_sample=on_bad_sample, quarantine=quarantine,
                                     input_size=input_size)
@@ -442,7 +442,7 @@ class BatchLoader:
         """Resume on exactly the next global batch. A different world size is fine (the position is
         global, and the epoch in progress keeps the number of streams it was planned with); a
         different seed, plan or dataset is refused because the position would be meaningless."""
-        if state.get("mode") == "stream":  # an lm stream position (distlstm/data/stream_loader.py)
+        if state.get("mode") == "stream":  # an lm stream position (distlstm/data/loader/stream_loader.py)
             raise ValueError("cannot resume: the checkpoint's data position is an lm stream position "
                              "(data.lm_mode=stream) and this run reads windows; restore --data.lm_mode stream, "
                              "or start fresh with --checkpoint.resume never")
@@ -504,7 +504,7 @@ def streams_for(data_cfg, index: DatasetIndex, *, dp_world_size: int, num_worker
 
 def plan_params(data_cfg, *, shuffle: bool = True, streams: int = 1) -> PlanParams:
     """The plan parameters of a `[data]` config; `streams` as resolved by `streams_for`. "auto"
-    values that were not resolved for a device (distlstm/autotune.py) take their CPU meaning:
+    values that were not resolved for a device (distlstm/run/autotune.py) take their CPU meaning:
     max_tokens 8192, exact shapes."""
     max_tokens = CPU_MAX_TOKENS if data_cfg.max_tokens == AUTO else data_cfg.max_tokens
     shape_buckets = 0 if data_cfg.shape_buckets == AUTO else data_cfg.shape_buckets

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from distlstm.data.batch import Chunk
-from distlstm.data.manifest import Manifest
+from distlstm.data.shards.manifest import Manifest
 from distlstm.data.sources import WHOLE_FILE_MAX_MB, expand_paths, file_info, redact
 from distlstm.tasks import get_task
 
@@ -85,13 +85,13 @@ class DatasetIndex:
     @property
     def is_remote(self) -> bool:
         """Whether any shard is read over the network (URLs, or fsspec storage options)."""
-        from distlstm.data.formats import is_local
+        from distlstm.data.shards.parquet import is_local
         return not all(is_local(s, self.storage_options) for s in self.shards)
 
     def remote_source(self, s: int):
         """What the byte-range reader needs for remote shard `s` (None for a local file)."""
-        from distlstm.data.formats import is_local
-        from distlstm.data.parquet_remote import Source
+        from distlstm.data.shards.parquet import is_local
+        from distlstm.data.shards.parquet_remote import Source
         if is_local(self.shards[s], self.storage_options):
             return None
         return Source(self.shards[s], size=self.shard_sizes[s] if self.shard_sizes else None,
@@ -106,11 +106,11 @@ class DatasetIndex:
         s = int(self.chunk_shard[c])
         shard = self.shards[s]
         if self.formats[s] == "parquet":
-            from distlstm.data.formats import read_parquet_chunk
+            from distlstm.data.shards.parquet import read_parquet_chunk
             return read_parquet_chunk(shard, int(self.chunk_local[c]), sequence_column=self.sequence_column,
                                       label_column=self.label_column, storage_options=self.storage_options,
                                       retries=self.retries, task=task, source=self.remote_source(s))
-        from distlstm.data.tar import read_tar_chunk
+        from distlstm.data.shards.tar import read_tar_chunk
         lo, hi = int(self.chunk_offsets[c]), int(self.chunk_offsets[c + 1])
         return read_tar_chunk(shard, storage_options=self.storage_options, retries=self.retries, task=task,
                               labels=self.label_column is not None, expected_lengths=self.lengths[lo:hi])
@@ -139,14 +139,14 @@ def _shard_layout(url: str, fmt: str, column: str, cache: Path | None, storage_o
                 path.unlink(missing_ok=True)  # a damaged cache entry: rebuild it
     footer = None
     if fmt == "parquet":
-        from distlstm.data.formats import is_local, parquet_layout
-        from distlstm.data.parquet_remote import Source
+        from distlstm.data.shards.parquet import is_local, parquet_layout
+        from distlstm.data.shards.parquet_remote import Source
         source = None if is_local(url, storage_options) else Source(
             url, size=info["size"], storage_options=storage_options, retries=retries, whole_max_mb=whole_max_mb)
         rows, lengths, footer = parquet_layout(url, column, storage_options=storage_options, retries=retries,
                                                source=source)
     else:
-        from distlstm.data.tar import tar_lengths
+        from distlstm.data.shards.tar import tar_lengths
         lengths = np.asarray(tar_lengths(url, storage_options=storage_options, retries=retries), dtype=np.int32)
         rows = [len(lengths)]
     if path is None:
@@ -163,7 +163,7 @@ def _shard_layout(url: str, fmt: str, column: str, cache: Path | None, storage_o
 def _default_column(first_shard: str, fmt: str, storage_options, retries) -> str:
     """'tokens', or 'features' for Parquet shards that have that column and no 'tokens'."""
     if fmt == "parquet":
-        from distlstm.data.dims import parquet_column_names
+        from distlstm.data.shards.dims import parquet_column_names
         try:
             names = parquet_column_names(first_shard, storage_options=storage_options, retries=retries)
         except Exception:  # noqa: BLE001 -- unreadable: indexing reports it, naming the shard
@@ -180,7 +180,7 @@ def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label
     """Index a split: a prepared dataset folder (with manifest.json), files, globs, brace ranges or URLs.
     `task` (model.task) decides whether there is a label column at all: lm reads none, so a raw
     Parquet file with only a token column is a complete lm dataset. `verify` checks the shards
-    against the manifest (distlstm.data.verify)."""
+    against the manifest (distlstm.data.shards.verify)."""
     storage_options = dict(storage_options or {})
     manifest = Manifest.find(spec, storage_options=storage_options, retries=retries)
     shards = manifest.shard_urls() if manifest else expand_paths(spec, storage_options=storage_options,
@@ -190,7 +190,7 @@ def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label
     # Each shard's size and date, read once: for the manifest check and for the index cache's key.
     infos = [None] * len(shards)
     if manifest and verify != "none":
-        from distlstm.data.verify import verify_shards
+        from distlstm.data.shards.verify import verify_shards
         infos = [file_info(u, storage_options=storage_options, retries=retries) for u in shards]
         verify_shards(shards, manifest.shards, verify, infos=infos, storage_options=storage_options,
                       retries=retries)

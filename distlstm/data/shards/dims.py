@@ -5,7 +5,7 @@
     input_size   the width F of a `list<fixed_size_list<float, F>>` feature column (the schema)
 
 Only the footers are read, on first use and only when neither the config nor a manifest gives the
-size (see `distlstm.build.resolve_config`), so a dataset with a manifest costs nothing here.
+size (see `distlstm.run.build.resolve_config`), so a dataset with a manifest costs nothing here.
 """
 
 from __future__ import annotations

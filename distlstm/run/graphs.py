@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from distlstm.config import ConfigError
-from distlstm.parallel import all_reduce_host, no_sync, unwrap
+from distlstm.distributed.parallel import all_reduce_host, no_sync, unwrap
 
 DDP_WARMUP_STEPS = 11
 """Eager DDP iterations before the first capture (PyTorch's CUDA graphs notes, "Usage with
@@ -71,7 +71,7 @@ def graphs_decision(cfg, device: torch.device) -> tuple[bool, str]:
     if t.debug:
         return refuse("does not work with train.debug (anomaly detection syncs with the host)",
                       "drop --train.debug")
-    from distlstm.stateful import uses_stream
+    from distlstm.run.bptt import uses_stream
     if uses_stream(cfg) or cfg.data.too_long == "chunk":
         # Not yet: the captured step would need the carried (h, c) and the reset columns as static buffers.
         return refuse("does not carry the LSTM state from one step or piece to the next (data.lm_mode=stream, "
@@ -115,7 +115,7 @@ class _Static:
 
 
 class StepGraphs:
-    """Captures and replays the training step of `trainer` (a distlstm.trainer.Trainer on CUDA)."""
+    """Captures and replays the training step of `trainer` (a distlstm.run.trainer.Trainer on CUDA)."""
 
     def __init__(self, trainer, *, limit: int, log=print):
         self.trainer, self.limit, self.log = trainer, limit, log

@@ -1,10 +1,10 @@
 """The loader of lm stream mode (`data.lm_mode = stream`): this rank's rows of the stream layout
-(distlstm/data/stream.py), one `bptt`-target chunk per batch, with the resume state of that module.
+(distlstm/data/plan/stream.py), one `bptt`-target chunk per batch, with the resume state of that module.
 
 A batch holds, for each of this rank's B rows, the next chunk's inputs and targets, and `reset`: the
 columns before which the LSTM state of that row must be zeroed (a document or a discontinuous
 stretch of the stream starts there). The trainer carries the state from one batch to the next
-(distlstm/stateful.py).
+(distlstm/run/bptt.py).
 
 Reading: each row moves through the data sequentially, so a process keeps the few decoded chunks
 (Parquet row groups, tar shards) its rows are in, about 2 per row. At most one DataLoader worker:
@@ -25,9 +25,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from distlstm.data.batch import Batch
 from distlstm.data.errors import BadSampleError
-from distlstm.data.index import DatasetIndex
-from distlstm.data.stream import DOC_START_COLUMN, StreamLayout, StreamParams
-from distlstm.data.workers import ship_failures, worker_batches
+from distlstm.data.shards.index import DatasetIndex
+from distlstm.data.plan.stream import DOC_START_COLUMN, StreamLayout, StreamParams
+from distlstm.data.loader.workers import ship_failures, worker_batches
 from distlstm.tasks import IGNORE_INDEX
 
 STATE_VERSION = 1
@@ -86,7 +86,7 @@ class TokenStore:
         s = int(index.chunk_shard[c])
         shard, rows = index.shards[s], int(index.chunk_offsets[c + 1] - index.chunk_offsets[c])
         if index.formats[s] == "parquet":
-            from distlstm.data.formats import read_parquet_chunk
+            from distlstm.data.shards.parquet import read_parquet_chunk
             chunk = read_parquet_chunk(shard, int(index.chunk_local[c]), sequence_column=index.sequence_column,
                                        label_column=None, storage_options=index.storage_options,
                                        retries=index.retries, task="lm", source=index.remote_source(s),
@@ -94,7 +94,7 @@ class TokenStore:
             # A shard without the column: every row is a document.
             doc_start = chunk.flags if chunk.flags is not None else np.ones(len(chunk), bool)
         else:
-            from distlstm.data.tar import read_tar_chunk
+            from distlstm.data.shards.tar import read_tar_chunk
             lo, hi = int(index.chunk_offsets[c]), int(index.chunk_offsets[c + 1])
             chunk = read_tar_chunk(shard, storage_options=index.storage_options, retries=index.retries, task="lm",
                                    labels=False, expected_lengths=index.lengths[lo:hi])
@@ -121,7 +121,7 @@ class TokenStore:
     def _tar_flags(self, shard: str, rows: int) -> np.ndarray:
         """doc_start from the shard's `.idx.json` sidecar (written by prep); every row without one."""
         from distlstm.data.sources import read_bytes
-        from distlstm.data.tar import sidecar_url
+        from distlstm.data.shards.tar import sidecar_url
         try:
             side = json.loads(read_bytes(sidecar_url(shard), storage_options=self.index.storage_options,
                                          retries=self.index.retries))
@@ -278,7 +278,7 @@ class StreamLoader:
         dataset = _StreamDataset(self.index, self.params, seed=self.seed, dp_rank=self.dp_rank, rows=self.rows,
                                  vocab_size=self.vocab_size, max_epochs=self.max_epochs,
                                  start=(self.epoch, self.relayouts, self.segments, self.offset))
-        # Workers as the windows loader has them (distlstm/data/workers.py): stop signals left to the
+        # Workers as the windows loader has them (distlstm/data/loader/workers.py): stop signals left to the
         # trainer, errors shipped whole, their own generator.
         with worker_batches(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor, seed=self.seed) as batches:

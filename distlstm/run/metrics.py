@@ -18,7 +18,7 @@ class Reporter:
                  tensorboard: bool, start_step: int = 0, sinks: list | None = None):
         self.enabled = enabled
         self.sinks = list(sinks or []) if enabled else []
-        """Experiment trackers (distlstm/loggers.py): each gets every record metrics.jsonl gets."""
+        """Experiment trackers (distlstm/run/loggers.py): each gets every record metrics.jsonl gets."""
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         # A bar is for a terminal; in a batch log it would be thousands of

@@ -18,11 +18,11 @@ from distlstm.data.batch import Batch
 from distlstm.data.errors import check_bad_fraction
 from distlstm.errors import RunError
 from distlstm.models.lstm import flops_per_token
-from distlstm.optim import PlateauSchedule, make_optimizer
-from distlstm.parallel import AmpPolicy, all_reduce_host, no_sync, unwrap
-from distlstm.stateful import RankState, StateCarrier
+from distlstm.run.optim import PlateauSchedule, make_optimizer
+from distlstm.distributed.parallel import AmpPolicy, all_reduce_host, no_sync, unwrap
+from distlstm.run.bptt import RankState, StateCarrier
 from distlstm.tasks import Task
-from distlstm.world import World
+from distlstm.distributed.world import World
 
 
 def lr_lambda(optim_cfg, max_steps: int):
@@ -39,7 +39,7 @@ def lr_lambda(optim_cfg, max_steps: int):
 
 def build_optimizer(model: nn.Module, optim_cfg, max_steps: int, device: torch.device):
     """optim.name (fused AdamW, Adam or SGD: each takes the non-finite flag as a tensor, so skipping a
-    bad step needs no host sync; see distlstm/optim.py) with weight decay on matrices only, and the
+    bad step needs no host sync; see distlstm/run/optim.py) with weight decay on matrices only, and the
     warmup + cosine / constant / plateau schedule."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -111,8 +111,8 @@ class Trainer:
                               "validation data (data.valid) and train.eval_every > 0; set them or use "
                               "optim.schedule=constant|cosine")
         self.graphs = None
-        """A distlstm.graphs.StepGraphs when train.cuda_graphs is on: it runs the steps it can replay."""
-        from distlstm.best import Watch
+        """A distlstm.run.graphs.StepGraphs when train.cuda_graphs is on: it runs the steps it can replay."""
+        from distlstm.run.best import Watch
         self.watch = Watch(cfg, self.task, has_valid=valid_loader is not None)
         self.carry = StateCarrier.for_loader(train_loader, device)
 
@@ -120,7 +120,7 @@ class Trainer:
     def train_step(self, micro_batches: list[Batch]) -> None:
         """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
         if self.graphs is not None and self.graphs.step(micro_batches):
-            return  # replayed as CUDA graphs: the same work as below (distlstm/graphs.py)
+            return  # replayed as CUDA graphs: the same work as below (distlstm/run/graphs.py)
         self.forward_backward(micro_batches)
         self._optimizer_step()
         # Captured graphs hold the gradient tensors' addresses: zero them, never free them.
@@ -138,7 +138,7 @@ class Trainer:
         scale = self.world.world_size / max(global_items, 1.0)
         for i, host_batch in enumerate(micro_batches):
             batch = host_batch.to(self.device, non_blocking=True)
-            # One piece per batch, except with data.too_long=chunk (distlstm/stateful.py); the state a
+            # One piece per batch, except with data.too_long=chunk (distlstm/run/bptt.py); the state a
             # piece leaves is carried into the next piece, and in lm stream mode into the next step.
             for piece in self.carry.pieces(batch, host_batch):
                 with no_sync(model, skip=i < len(micro_batches) - 1 or not piece.last):
@@ -390,7 +390,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
         """What a checkpoint holds, as components the CheckpointManager saves and restores in place."""
-        from distlstm.train_state import RngState
+        from distlstm.checkpoint.codec import RngState
         extra = {"train": self.state, "scheduler": self.scheduler, "loader": self.train_loader}
         if self.amp.scaler is not None:
             extra["scaler"] = self.amp.scaler

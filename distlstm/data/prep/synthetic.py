@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distlstm.data.manifest import Manifest, ShardInfo
+from distlstm.data.shards.manifest import Manifest, ShardInfo
 
 NUM_MARKERS = 4
 NOISE_TOKENS = 24            # ids 1..24; markers are 25..28; 0 is never used

@@ -46,7 +46,7 @@ def track_workers(batches) -> None:
     workers = getattr(batches, "_workers", None)
     if workers is None:
         raise RuntimeError("torch's DataLoader iterator has no `_workers` any more; update "
-                           "distlstm.data.workers.track_workers for this torch version")
+                           "distlstm.data.loader.workers.track_workers for this torch version")
     _started_workers.update(workers)
 
 

@@ -1,7 +1,7 @@
 """Bounded batch shapes (`data.shape_buckets = N`): every batch of a run has one of at most N
 (rows, padded length) shapes, so that a CUDA graph captured once per shape can replay the whole
-training step (distlstm/graphs.py). Pure functions of the dataset's lengths and the plan
-parameters; the plan (distlstm/data/plan.py) calls them, so the shapes are the same on every rank
+training step (distlstm/run/graphs.py). Pure functions of the dataset's lengths and the plan
+parameters; the plan (distlstm/data/plan/epoch.py) calls them, so the shapes are the same on every rank
 and for every world size.
 
 - **Lengths.** N padded lengths chosen from the histogram of all sample lengths: a length class is
