@@ -1,6 +1,7 @@
 """A real HTTP server on 127.0.0.1 for tests and bench/remote_read.py: serves a directory, with or
 without byte ranges, records every request and counts the body bytes it sends, and can inject
-failures (HTTP 5xx / 429, connection reset) for the next requests of a path.
+failures (HTTP 5xx / 429, connection reset, a server that stalls before answering or mid-body, a
+short body) for the next requests of a path.
 
     server = HttpServer.start(root)            # byte ranges, like nginx, S3 or GCS
     server = HttpServer.start(root, ranges=False)   # ignores Range, like `python -m http.server`
@@ -53,6 +54,7 @@ class HttpServer:
     failures: dict[str, list[str]] = field(default_factory=dict)
     log: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    released: threading.Event = field(default_factory=threading.Event)   # ends every stall
     _httpd: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -67,6 +69,7 @@ class HttpServer:
         return state
 
     def stop(self) -> None:
+        self.released.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -78,8 +81,9 @@ class HttpServer:
         return f"http://{host}:{self.port}/{name}" + (f"?{query}" if query else "")
 
     def fail_once(self, name: str, kind: str = "503", times: int = 1) -> None:
-        """Make the next `times` requests for /name fail: "503", "429", "500", "reset", or "cut" (the
-        next GET sends half its body, then closes the connection)."""
+        """Make the next `times` requests for /name fail: "503", "429", "500", "reset", "cut" (the
+        next GET sends half its body, then closes the connection), "stall" (accept the request and
+        never answer) or "stall_body" (send the headers and half the body, then nothing)."""
         with self.lock:
             self.failures.setdefault("/" + name, []).extend([kind] * times)
 
@@ -117,14 +121,19 @@ def _make_handler(server: HttpServer):
         def _inject(self, path: str, record: Request) -> bool:
             with server.lock:
                 pending = server.failures.get(path)
-                kind = pending[0] if pending and (self.command == "GET" or pending[0] != "cut") else None
+                kind = pending[0] if pending and (self.command == "GET" or pending[0] not in ("cut", "stall_body")) \
+                    else None
                 if kind is not None:
                     pending.pop(0)
             if kind is None:
                 return False
-            if kind == "cut":
-                self.cut = True
+            if kind in ("cut", "stall_body"):
+                self.cut = kind
                 return False
+            if kind == "stall":
+                server.released.wait()
+                self.close_connection = True
+                return True
             if kind == "reset":
                 # RST instead of FIN: the client sees "connection reset by peer".
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -189,6 +198,9 @@ def _make_handler(server: HttpServer):
                     self.close_connection = True
                 try:
                     self.wfile.write(data)
+                    if self.cut == "stall_body":
+                        self.wfile.flush()
+                        server.released.wait()
                 except (BrokenPipeError, ConnectionResetError):
                     return  # the client hung up (it asked for more than it wanted)
                 with server.lock:

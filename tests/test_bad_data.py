@@ -203,9 +203,35 @@ def case_token_out_of_range(tmp_path):
                 [r"train-00001\.parquet", "row 11", r"token id outside \[0, 100\)"])
 
 
+def case_parquet_null_token_inside(tmp_path):
+    # Issue 20 class 8: a null item inside a list<int32> row, not a null row: pyarrow gives numpy a NaN
+    # there, and a cast to int made it token id -9223372036854775808.
+    def holes(tokens, labels):
+        tokens = [list(t) for t in tokens]
+        tokens[4][1] = tokens[33][0] = None
+        return tokens, labels, {}
+    return Case(_index(_parquet_dataset(tmp_path, holes), tmp_path), {44, 73},
+                [r"train-00001\.parquet", "row (4|33)", r"'tokens' holds a null at position [01] \(row group [01]\)"])
+
+
+def case_parquet_null_feature(tmp_path):
+    folder = tmp_path / "feat"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for s in range(3):
+        rows = [rng.normal(size=(int(rng.integers(2, 30)), 3)).tolist() for _ in range(ROWS)]
+        if s == 1:
+            rows[9][1][2] = None
+        _pq(folder / f"train-{s:05d}.parquet", rows, rng.integers(0, 4, ROWS).tolist(),
+            tokens_type=pa.list_(pa.list_(pa.float32())))
+    index = open_index(str(folder), sequence_column="tokens", cache_dir=tmp_path / "cache")
+    return Case(index, {49}, [r"train-00001\.parquet", "row 9", r"'tokens' holds a null at position 1 \(row group 0\)"])
+
+
 CASES = [case_parquet_truncated, case_tar_truncated, case_parquet_wrong_schema, case_parquet_missing_label_column,
          case_parquet_null_label, case_tar_missing_label, case_tar_shard_without_labels, case_parquet_nan_features,
-         case_tar_nan_features, case_label_out_of_range, case_token_out_of_range]
+         case_tar_nan_features, case_label_out_of_range, case_token_out_of_range, case_parquet_null_token_inside,
+         case_parquet_null_feature]
 
 
 # ---------------------------------------------------------------------------------------------- policies
@@ -234,7 +260,7 @@ def test_skip_keeps_steps_counts_and_quarantines(tmp_path, make_case):
     loaders = [lw.make_loader(None, None, index=case.index, task=case.task, rank=r, world=world, workers=r,
                               max_epochs=1, on_bad_sample="skip", run_dir=run_dir) for r in range(world)]
     out = [lw.take(ld, 10_000) for ld in loaders]
-    plan = EpochPlan(case.index.chunk_offsets, case.index.lengths, loaders[0].params, seed=loaders[0].seed, epoch=0)
+    plan = EpochPlan(case.index.chunk_offsets, case.index.sample_lengths(), loaders[0].params, seed=loaders[0].seed, epoch=0)
     assert [len(o) for o in out] == [plan.batches_per_rank(world)] * world, "skipping changed a rank's step count"
     kept = [i for o in out for b in o if b["weight"] for i in b["ids"]]
     assert len(kept) == len(set(kept))
@@ -346,3 +372,28 @@ def _iterate(loader):
     out = list(it)
     it.close()
     return out
+
+
+@pytest.mark.timeout(240)
+def test_null_token_in_lm_stream_mode_is_reported_as_null_by_the_trainer(tmp_path):
+    """Issue 20 class 8, as a user meets it: raw Parquet with one null token, lm (stream mode). The one
+    error line names the file, row, row group and "null", not token id -9223372036854775808."""
+    import os
+    import subprocess
+    rows = [[int(t) for t in np.random.default_rng(i).integers(1, 50, 200)] for i in range(40)]
+    rows[13][7] = None
+    pq.write_table(pa.table({"tokens": pa.array(rows, pa.list_(pa.int32()))}), tmp_path / "train.parquet",
+                   row_group_size=10)
+    proc = subprocess.run([sys.executable, "-m", "distlstm.train", "--data.train", str(tmp_path / "train.parquet"),
+                           "--model.task", "lm", "--model.vocab_size", "50", "--model.hidden_size", "16",
+                           "--train.max_steps", "3", "--train.eval_every", "0", "--log.progress", "false",
+                           "--log.tensorboard", "false", "--train.run_dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=200, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1",
+                               "DISTLSTM_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "9223372036854775808" not in proc.stderr, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert error == [f"error: rank 0: shard {tmp_path / 'train.parquet'}: row 13: 'tokens' holds a null at "
+                     f"position 7 (row group 1), not a value; fix: fix the data (data.on_bad_sample=skip is not "
+                     f"available with data.lm_mode=stream)"], proc.stderr[-3000:]

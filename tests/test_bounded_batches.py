@@ -67,7 +67,7 @@ def _counted_items(batch, task: str) -> int:
 @pytest.mark.parametrize("shape_buckets", [0, 6])
 def test_batches_take_the_planned_shapes_and_counts(tmp_path, task, shape_buckets):
     loader = _loader(_write(tmp_path / "d", task), task, tmp_path / "cache", shape_buckets=shape_buckets)
-    plan = EpochPlan(loader.index.chunk_offsets, loader.index.lengths, loader.params, seed=loader.seed, epoch=0)
+    plan = EpochPlan(loader.index.chunk_offsets, loader.index.sample_lengths(), loader.params, seed=loader.seed, epoch=0)
     seen, dummies = [], 0
     for g, batch in enumerate(loader):
         real = batch.sample_ids >= 0
@@ -119,7 +119,7 @@ def test_skipped_samples_become_dummy_rows(tmp_path):
     keeps its planned shape."""
     loader = _loader(_write(tmp_path / "d", "classify", bad_every=25), "classify", tmp_path / "cache",
                      on_bad_sample="skip")
-    plan = EpochPlan(loader.index.chunk_offsets, loader.index.lengths, loader.params, seed=loader.seed, epoch=0)
+    plan = EpochPlan(loader.index.chunk_offsets, loader.index.sample_lengths(), loader.params, seed=loader.seed, epoch=0)
     skipped = 0
     for g, batch in enumerate(loader):
         assert tuple(batch.inputs.shape) == plan.batch_shape(g)

@@ -28,7 +28,7 @@ from distlstm.data.errors import BadSampleError
 from distlstm.data.shards.parquet import read_parquet_chunk
 from distlstm.data.shards.index import open_index
 from distlstm.data.loader.batch_loader import build_loader
-from distlstm.data.sources import RetriesExhaustedError
+from distlstm.data.sources import RetriesExhaustedError, network_options
 from distlstm.data.shards.tar import read_tar_chunk
 from distlstm.data.loader.workers import track_workers
 from distlstm.train import main
@@ -407,6 +407,11 @@ def test_local_shards_are_never_read_through_python_file_objects(tmp_path):
     try:
         index = open_index(str(data), cache_dir=tmp_path / "cache")
         index.read_chunk(0, task="classify")
+        # As a run opens it: with the network timeouts every run's storage options carry (they
+        # made every local shard "remote" once: read through fsspec, its whole footer parsed).
+        timed = open_index(str(data), cache_dir=tmp_path / "cache2", storage_options=network_options(None))
+        assert not timed.is_remote
+        timed.read_chunk(0, task="classify")
     finally:
         recorded, _python_opens[:] = _python_opens[1:], []
     assert shard not in recorded, "a local shard was opened as a Python file object for pyarrow"

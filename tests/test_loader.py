@@ -31,7 +31,7 @@ def parquet_dir(tmp_path):
 
 
 def _epoch_batches(loader) -> int:
-    return EpochPlan(loader.index.chunk_offsets, loader.index.lengths, loader.params, seed=loader.seed,
+    return EpochPlan(loader.index.chunk_offsets, loader.index.sample_lengths(), loader.params, seed=loader.seed,
                      epoch=0).num_batches
 
 

@@ -13,7 +13,7 @@ from distlstm.run.build import resolve_config
 from distlstm.config import load_config
 from distlstm.data.shards.index import open_index
 from distlstm.data.shards.manifest import Manifest, ShardInfo
-from distlstm.data.sources import expand_paths
+from distlstm.data.shards.paths import expand_paths
 from distlstm.data.prep.synthetic import VOCAB_SIZE, ensure_synthetic
 
 

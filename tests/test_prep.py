@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distlstm.data.prep import prep
-from distlstm.data.sources import expand_paths
+from distlstm.data.shards.paths import expand_paths
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -134,7 +134,7 @@ def test_valid_split_is_exact_deterministic_and_disjoint(tmp_path):
             "classify", "--valid-fraction", "0.1", "--seed", "3"]
     a = _run(*args, "--out", str(tmp_path / "a"))
     b = _run(*args, "--out", str(tmp_path / "b"))
-    c = _run(*args[:-1], "4", "--out", str(tmp_path / "c"))
+    _run(*args[:-1], "4", "--out", str(tmp_path / "c"))
     assert a["valid"]["num_samples"] == 100 and a["train"]["num_samples"] == 900
     assert [s["sha256"] for s in a["valid"]["shards"]] == [s["sha256"] for s in b["valid"]["shards"]]
     va, ta = _rows(tmp_path / "a/valid", "tokens"), _rows(tmp_path / "a/train", "tokens")
@@ -292,3 +292,38 @@ def test_whitespace_tokenizer_on_tinyshakespeare_matches_the_textbook_count(tmp_
                   "--valid-fraction", "0.1", "--out", str(tmp_path / "s"))
     assert stream["valid"]["num_samples"] == -(-n_valid // 35) and stream["valid"]["num_tokens"] == n_valid
     assert [vocab[i] for c in _rows(tmp_path / "s" / "valid", "tokens") for i in c] == words[-n_valid:]
+
+
+@pytest.mark.parametrize("case", ["binary", "latin1", "out_is_a_file", "empty_text", "empty_jsonl", "overwrite_empty"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
+    """Issue 20 class 6: binary or non-UTF-8 input, --out naming a file, and empty input end in one
+    error line naming the file or flag, exit 2, no traceback; nothing is written (a previous output
+    kept under --overwrite)."""
+    (tmp_path / "good.txt").write_text("hello world " * 50)
+    (tmp_path / "data.bin").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    (tmp_path / "latin1.txt").write_bytes("first line\ncaf\u00e9 au lait\n".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "taken").write_text("mine")
+    out = tmp_path / "out"
+    args, expect = {
+        "binary": (["--text", "data.bin"], "input file data.bin is not UTF-8 text (a NUL byte at offset 7"),
+        "latin1": (["--text", "latin1.txt"], "input file latin1.txt is not UTF-8 text (byte 0xe9 at line 2, "),
+        "out_is_a_file": (["--text", "good.txt", "--out", "taken"], "--out taken is a file; give a folder"),
+        "empty_text": (["--text", "empty.txt"], "the input (empty.txt) holds no text"),
+        "empty_jsonl": (["--jsonl", "empty.jsonl", "--tokens-field", "t", "--task", "lm"],
+                        "the input (empty.jsonl) holds no records"),
+        "overwrite_empty": (["--text", "empty.txt", "--overwrite"], "the input (empty.txt) holds no text"),
+    }[case]
+    if case == "overwrite_empty":
+        _run("--text", str(tmp_path / "good.txt"), "--seq-len", "16", "--out", str(out))
+    if "--out" not in args:
+        args += ["--out", "out"]
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    proc = subprocess.run([sys.executable, "-m", "distlstm.prep", *args, "--quiet"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"distlstm.prep: error: {expect}"), lines[0]
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert out.exists() == (case == "overwrite_empty")

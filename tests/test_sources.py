@@ -14,8 +14,8 @@ import os
 import pytest
 
 from distlstm.data.errors import BadSampleError
-from distlstm.data.sources import (expand_paths, file_info, is_transient, open_file, read_bytes, redact,
-                                   redact_options)
+from distlstm.data.shards.paths import expand_paths
+from distlstm.data.sources import file_info, is_transient, open_file, read_bytes, redact, redact_options
 
 
 def _touch(path, data=b"x"):

@@ -244,7 +244,7 @@ def test_a_sidecar_that_cannot_be_read_stops_instead_of_dropping_the_document_st
     try:
         index = open_index(server.url("d/train/train-00000.tar"), cache_dir=tmp_path / "cache")
         index.retries = 0
-        assert TokenStore(index)._decode(0)[1].tolist() == [True, False, False, True, False]
+        assert TokenStore(index)._decode(0)[2].tolist() == [True, False, False, True, False]
         server.fail_once("d/train/train-00000.tar.idx.json", "503", times=5)
         with pytest.raises(BadSampleError, match="idx.json"):
             TokenStore(index)._decode(0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests._stream_data import documents, write_stream_parquet
-from tests.test_resume import final, launch, ok, resumed_step
+from tests.test_resume import final, launch, ok, preempted, resumed_step
 
 VOCAB = 40
 # Dropout (RNG), 2 DataLoader workers (prefetch past the checkpoint), accumulation over chunks
@@ -64,7 +64,8 @@ def test_stream_mode_resume_on_another_world_size_trains_each_token_once(stream_
     ok(launch(clean, args))
     assert final(clean)["tokens"] == num_tokens - 1
     elastic = root / "runs" / "epoch-elastic"
-    first = ok(launch(elastic, args, nproc=2, fault={"action": "signal", "sig": "SIGUSR1", "step": 5, "rank": 0}))
+    first = preempted(launch(elastic, args, nproc=2, fault={"action": "signal", "sig": "SIGUSR1", "step": 5,
+                                                            "rank": 0}), nproc=2)
     assert "checkpoint committed at step 5" in first.out, first.out[-3000:]
     second = ok(launch(elastic, args))
     assert resumed_step(second) == 5 and "saved by 2 ranks, now 1" in second.out, second.out[-3000:]

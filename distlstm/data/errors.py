@@ -6,6 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from distlstm.data.sources import redact
+
 _DEFAULT_FIX = ("re-create the shard with `python -m distlstm.prep`, or let the loader skip bad samples "
                 "(--data.on_bad_sample skip)")
 
@@ -20,7 +22,6 @@ class BadSampleError(ValueError):
 
     def __init__(self, shard: str, where: str | int | None = None, problem: str | None = None,
                  fix: str | None = None):
-        from distlstm.data.sources import redact  # late: sources imports fsspec
 
         if where is None and problem is None:
             # Re-created from a bare message (torch's DataLoader re-raises worker errors as

@@ -23,7 +23,8 @@ import ssl
 import threading
 import urllib.parse
 
-_TIMEOUT_S = 60.0     # per socket operation, as sources._default_options gives aiohttp (sock_read)
+TIMEOUTS = "distlstm_timeouts"  # sources.TIMEOUTS (sources imports this module, not the reverse)
+
 _MAX_REDIRECTS = 5
 _RANGE_SERVERS: set[str] = set()  # scheme://host:port that answered a Range request with 206
 _local = threading.local()
@@ -63,8 +64,10 @@ def honours_ranges(url: str) -> bool:
 
 
 def direct(url: str, storage_options: dict | None) -> bool:
-    """Whether `url` can use the http.client path: no storage_options besides headers."""
-    return url.split("://", 1)[0].lower() in ("http", "https") and not set(storage_options or {}) - {"headers"}
+    """Whether `url` can use the http.client path: no storage_options besides headers (and the
+    timeouts, which both paths apply)."""
+    return url.split("://", 1)[0].lower() in ("http", "https") and \
+        not set(storage_options or {}) - {"headers", TIMEOUTS}
 
 
 def _range_header(start: int, end: int | None) -> str:
@@ -75,8 +78,9 @@ def _range_header(start: int, end: int | None) -> str:
 # ---------------------------------------------------------------------------------------------- http.client
 
 
-def _connection(scheme: str, netloc: str) -> tuple[http.client.HTTPConnection, bool]:
-    """(this thread's keep-alive connection to the server, whether it was used before)."""
+def _connection(scheme: str, netloc: str, timeouts: tuple[float, float]) -> tuple[http.client.HTTPConnection, bool]:
+    """(this thread's keep-alive connection to the server, whether it was used before). It is
+    opened within the connect timeout; then every socket read waits at most the read timeout."""
     if getattr(_local, "pid", None) != os.getpid():  # after a fork: the parent's sockets are not ours
         _local.pid, _local.conns = os.getpid(), {}
     key = (scheme, netloc)
@@ -84,10 +88,13 @@ def _connection(scheme: str, netloc: str) -> tuple[http.client.HTTPConnection, b
     if conn is not None:
         return conn, True
     host = netloc.rsplit("@", 1)[-1]
+    connect_s, read_s = timeouts
     if scheme == "https":
-        conn = http.client.HTTPSConnection(host, timeout=_TIMEOUT_S, context=ssl.create_default_context())
+        conn = http.client.HTTPSConnection(host, timeout=connect_s, context=ssl.create_default_context())
     else:
-        conn = http.client.HTTPConnection(host, timeout=_TIMEOUT_S)
+        conn = http.client.HTTPConnection(host, timeout=connect_s)
+    conn.connect()
+    conn.sock.settimeout(read_s)
     _local.conns[key] = conn
     return conn, False
 
@@ -98,7 +105,7 @@ def _drop(scheme: str, netloc: str) -> None:
         conn.close()
 
 
-def _get(url: str, headers: dict) -> http.client.HTTPResponse:
+def _get(url: str, headers: dict, timeouts: tuple[float, float]) -> http.client.HTTPResponse:
     """GET with this thread's connection; a kept-alive connection the server has closed meanwhile
     is replaced once, at once (not a failure: servers close idle connections)."""
     parts = urllib.parse.urlsplit(url)
@@ -107,7 +114,7 @@ def _get(url: str, headers: dict) -> http.client.HTTPResponse:
         user = urllib.parse.unquote(parts.username) + ":" + urllib.parse.unquote(parts.password or "")
         headers = {**headers, "Authorization": "Basic " + base64.b64encode(user.encode()).decode()}
     while True:
-        conn, reused = _connection(parts.scheme, parts.netloc)
+        conn, reused = _connection(parts.scheme, parts.netloc, timeouts)
         try:
             conn.request("GET", target, headers=headers)
             return conn.getresponse()
@@ -131,12 +138,13 @@ def _whole(length: int | None, cap: int, read_chunk) -> bytes:
     return bytes(body)
 
 
-def get_range(url: str, start: int, end: int | None, cap: int, headers: dict | None = None) -> bytes:
+def get_range(url: str, start: int, end: int | None, cap: int, headers: dict | None = None,
+              timeouts: tuple[float, float] = (10.0, 30.0)) -> bytes:
     """Bytes [start, end) of `url` over http.client (``end=None`` with a negative start: the last
     ``-start`` bytes). Raises WholeBody / TooBig when the server ignores the range."""
     scheme, netloc = urllib.parse.urlsplit(url)[:2]
     for _ in range(_MAX_REDIRECTS + 1):
-        r = _get(url, {**(headers or {}), "Range": _range_header(start, end)})
+        r = _get(url, {**(headers or {}), "Range": _range_header(start, end)}, timeouts)
         try:
             if r.status in (301, 302, 303, 307, 308) and r.getheader("Location"):
                 r.read()
@@ -185,10 +193,11 @@ async def _aiohttp_range(fs, url: str, start: int, end: int | None, cap: int) ->
 
 
 def fetch(url: str, ranges: list[tuple[int, int | None]], cap: int, storage_options: dict | None,
-          filesystem) -> list[bytes]:
-    """The body of each range (lengths unchecked). `filesystem()` gives fsspec's HTTP filesystem."""
+          filesystem, timeouts: tuple[float, float]) -> list[bytes]:
+    """The body of each range (lengths unchecked). `filesystem()` gives fsspec's HTTP filesystem
+    (which applies the same `timeouts`, (connect, read) seconds, through aiohttp)."""
     if len(ranges) == 1 and direct(url, storage_options):
-        return [get_range(url, *ranges[0], cap, (storage_options or {}).get("headers"))]
+        return [get_range(url, *ranges[0], cap, (storage_options or {}).get("headers"), timeouts)]
     import fsspec.asyn
 
     fs = filesystem()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob as globlib
+import hashlib
 import logging
 import os
 import random
@@ -18,7 +18,6 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, TypeVar
 
-import braceexpand
 import fsspec
 
 from distlstm.data import httpranges
@@ -27,9 +26,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SHARD_SUFFIXES = (".parquet", ".tar", ".tar.gz", ".tgz")
-_SIDECAR_SUFFIXES = (".idx.json", "manifest.json")
-_GLOB_CHARS = re.compile(r"[*?\[]")
 _MAX_BACKOFF_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+"""Default data.connect_timeout_s: seconds to open a connection to a server."""
+READ_TIMEOUT_S = 30.0
+"""Default data.read_timeout_s: seconds a server may stay silent (headers or body) before the read fails."""
+TIMEOUTS = httpranges.TIMEOUTS
+"""The storage_options key that carries the timeouts to every reader, worker and process (see
+`network_options`); taken out again before fsspec sees the options."""
 
 # ---------------------------------------------------------------------------------------------- redaction
 
@@ -48,6 +52,35 @@ def redact(url_or_text: Any) -> str:
     text = str(url_or_text)
     text = _USERINFO.sub(r"\g<scheme>***@", text)
     return _SECRET_PARAM.sub(r"\g<name>***", text)
+
+
+def local_path(url: str) -> str:
+    """The file system path of a local file named by a plain path or a `file://` URL (anything else
+    is returned as it is)."""
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def is_local(url: str, storage_options: dict | None = None) -> bool:
+    """Whether `url` names a local file that Arrow's native reader opens by name: a plain path or a
+    `file://` URL, with no fsspec options of the user's (the timeouts `network_options` adds to
+    every run's options are not: they only apply to network reads)."""
+    user_options = {k for k in (storage_options or {}) if k != TIMEOUTS}
+    return "://" not in local_path(url) and not user_options
+
+
+def basename(url: str) -> str:
+    """The last name in a path or URL: no query string, no trailing slash."""
+    return url.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def file_digest(url: str, *, storage_options: dict | None = None, retries: int = 3) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read once front to back."""
+    h, size = hashlib.sha256(), 0
+    with open_file(url, storage_options=storage_options, retries=retries) as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
 
 
 def redact_options(storage_options: dict | None) -> dict | None:
@@ -132,7 +165,24 @@ def _denied_status(exc: BaseException) -> int | None:
     return None
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+
+
 def _describe(exc: BaseException) -> str:
+    """What happened, in words: a timeout, an HTTP status, else the error itself (redacted)."""
+    for e in _chain(exc):
+        if (status := _http_status(e)) is not None:
+            return f"HTTP {status}"
+    for e in _chain(exc):
+        if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__:
+            return (f"timed out ({type(e).__name__}: no connection within data.connect_timeout_s or no data "
+                    f"within data.read_timeout_s)")
     return redact(f"{type(exc).__name__}: {exc}")
 
 
@@ -159,8 +209,9 @@ def with_retries(fn: Callable[[], T], url: str, *, retries: int = 3, backoff_s: 
                                             f"or URL and that the shard exists", redact(url)) from None
                 raise
             if attempt == attempts:
-                raise RetriesExhaustedError(f"{redact(url)}: {what} failed after {attempts} attempts; last error: "
-                              f"{_describe(exc)}") from None
+                raise RetriesExhaustedError(f"{redact(url)}: {what} failed after {attempts} attempt"
+                                            f"{'s' * (attempts > 1)} (data.retries={attempts - 1}); last error: "
+                                            f"{_describe(exc)}") from None
             delay = min(_MAX_BACKOFF_S, backoff_s * 2 ** (attempt - 1)) * (1 + 0.25 * random.random())
             log.warning("%s: %s failed (attempt %d/%d: %s); retrying in %.2fs",
                         redact(url), what, attempt, attempts, _describe(exc), delay)
@@ -171,29 +222,49 @@ def with_retries(fn: Callable[[], T], url: str, *, retries: int = 3, backoff_s: 
 # ---------------------------------------------------------------------------------------------- opening
 
 
-def _protocol(url: str) -> str:
+def url_protocol(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else "file"
 
 
+def network_options(storage_options: dict | None, *, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                    read_timeout_s: float = READ_TIMEOUT_S) -> dict:
+    """`storage_options` carrying the connect and read timeouts, so that every open, range read,
+    stream, index pass and loader worker given them applies the same ones (build_run does this once
+    with data.connect_timeout_s / data.read_timeout_s)."""
+    return {**(storage_options or {}), TIMEOUTS: {"connect_s": float(connect_timeout_s),
+                                                  "read_s": float(read_timeout_s)}}
+
+
+def timeouts(storage_options: dict | None) -> tuple[float, float]:
+    """(connect, read) timeouts in seconds that `storage_options` carry (the defaults if none)."""
+    t = (storage_options or {}).get(TIMEOUTS) or {}
+    return float(t.get("connect_s", CONNECT_TIMEOUT_S)), float(t.get("read_s", READ_TIMEOUT_S))
+
+
 def _default_options(url: str, storage_options: dict | None) -> dict:
-    options = dict(storage_options or {})
-    if _protocol(url) in ("http", "https") and "client_kwargs" not in options:
+    connect_s, read_s = timeouts(storage_options)
+    options = {k: v for k, v in (storage_options or {}).items() if k != TIMEOUTS}
+    protocol = url_protocol(url)
+    if protocol in ("http", "https") and "client_kwargs" not in options:
         # aiohttp's default is a 5-minute total timeout per request; a stalled server should
         # fail (and be retried) much sooner, and a long download must not be cut by a total cap.
         import aiohttp
 
-        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)}
+        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=connect_s,
+                                                                     sock_read=read_s)}
+    elif protocol in ("s3", "s3a") and "config_kwargs" not in options:
+        options["config_kwargs"] = {"connect_timeout": connect_s, "read_timeout": read_s}
     return options
 
 
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
-def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return fsspec.core.url_to_fs(url, **_default_options(url, storage_options))
     except ImportError as exc:  # fsspec knows the protocol, its backend package is not installed
-        protocol = _protocol(url)
+        protocol = url_protocol(url)
         extra = _EXTRAS.get(protocol)
         how = (f"pip install 'distlstm[{extra}]'" if extra else
                f"install the fsspec backend for {protocol}:// ({str(exc).strip() or type(exc).__name__})")
@@ -201,7 +272,53 @@ def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.Abstract
                          f"{how}") from None
 
 
-class _RetryingReader:
+class ReadOnlyFile:
+    """The one base of the read-only file objects handed to Arrow, tarfile and json: a local-looking
+    binary file over a remote `url`. Subclasses give `read` (and `seek` / `tell` when seekable); the
+    rest of the file protocol, and a repr naming the URL without credentials, live here."""
+
+    def __init__(self, url: str):
+        self._url = url
+        self._closed = False
+
+    def read(self, size: int = -1) -> bytes:  # pragma: no cover -- every subclass defines it
+        raise NotImplementedError
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        raise OSError(errno.ESPIPE, f"{redact(self._url)}: not seekable")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {redact(self._url)}>"
+
+
+class _RetryingReader(ReadOnlyFile):
     """Read-only file wrapper that retries transient read errors at the same position.
 
     A read that fails leaves fsspec's buffered files at the old position, so the read can simply be
@@ -209,7 +326,8 @@ class _RetryingReader:
     """
 
     def __init__(self, raw, url: str, retries: int, backoff_s: float):
-        self._raw, self._url, self._retries, self._backoff_s = raw, url, retries, backoff_s
+        super().__init__(url)
+        self._raw, self._retries, self._backoff_s = raw, retries, backoff_s
 
     def _retry(self, fn: Callable[[], T]) -> T:
         pos = self._raw.tell() if self.seekable() else None
@@ -224,11 +342,6 @@ class _RetryingReader:
     def read(self, size: int = -1) -> bytes:
         return self._retry(lambda: self._raw.read(size))
 
-    def readinto(self, buffer) -> int:
-        data = self.read(len(memoryview(buffer)))
-        memoryview(buffer).cast("B")[: len(data)] = data
-        return len(data)
-
     def seekable(self) -> bool:
         try:
             return bool(self._raw.seekable())
@@ -240,12 +353,6 @@ class _RetryingReader:
 
     def tell(self) -> int:
         return self._raw.tell()
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return False
 
     @property
     def closed(self) -> bool:
@@ -261,15 +368,6 @@ class _RetryingReader:
     def __getattr__(self, name: str):
         return getattr(self._raw, name)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<file {redact(self._url)}>"
-
 
 @contextlib.contextmanager
 def open_file(url: str, mode: str = "rb", *, storage_options: dict | None = None, retries: int = 3,
@@ -279,7 +377,7 @@ def open_file(url: str, mode: str = "rb", *, storage_options: dict | None = None
     A missing file raises FileNotFoundError at once; persistent transient errors raise OSError after
     ``retries + 1`` attempts. Messages name the redacted URL.
     """
-    fs, path = _filesystem(url, storage_options)
+    fs, path = filesystem(url, storage_options)
     raw = with_retries(lambda: fs.open(path, mode), url, retries=retries, backoff_s=backoff_s, what="open")
     handle = _RetryingReader(raw, url, retries, backoff_s) if "r" in mode and "b" in mode else raw
     try:
@@ -300,14 +398,14 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None, *,
             raise ValueError(f"read_bytes: unsupported range [{start}, {end}) of {redact(url)}")
         return read_ranges(url, [(start, end)], storage_options=storage_options, retries=retries,
                            backoff_s=backoff_s)[0]
-    fs, path = _filesystem(url, storage_options)
+    fs, path = filesystem(url, storage_options)
     return with_retries(lambda: fs.cat_file(path), url, retries=retries, backoff_s=backoff_s, what="read")
 
 
 def file_info(url: str, *, storage_options: dict | None = None, retries: int = 3,
               backoff_s: float = 0.5) -> dict:
     """``dict(size=bytes or None, mtime_or_etag=str or None)``: enough to key a cache on."""
-    fs, path = _filesystem(url, storage_options)
+    fs, path = filesystem(url, storage_options)
     info = with_retries(lambda: fs.info(path), url, retries=retries, backoff_s=backoff_s, what="stat")
     version = None
     for field in ("ETag", "etag", "md5Hash", "Last-Modified", "LastModified", "last_modified", "mtime",
@@ -397,14 +495,14 @@ def _file_lock(url: str) -> threading.Lock:
 def _fetch(url: str, ranges: list[tuple[int, int | None]], cap: int, storage_options: dict | None) -> list[bytes]:
     """The bytes of each range, each checked for its length. One request per range; several ranges
     are fetched concurrently (one round trip, not one per range)."""
-    if _protocol(url) in ("http", "https"):
+    if url_protocol(url) in ("http", "https"):
         try:
             pieces = httpranges.fetch(url, ranges, cap, storage_options,
-                                      lambda: _filesystem(url, storage_options)[0])
+                                      lambda: filesystem(url, storage_options)[0], timeouts(storage_options))
         except httpranges.TooBig as exc:
             raise _too_big(url, exc.size, cap) from None
     else:
-        fs, path = _filesystem(url, storage_options)
+        fs, path = filesystem(url, storage_options)
         if len(ranges) == 1:
             a, b = ranges[0]
             pieces = [fs.tail(path, -a) if b is None else fs.cat_file(path, start=a, end=b)]
@@ -437,9 +535,8 @@ def read_ranges(url: str, ranges: list[tuple[int, int | None]], *, storage_optio
         return []
     cap = int(whole_max_mb * 1e6)
     whole = _WHOLE.get(url)
-    if whole is None and _protocol(url) == "file":
-        local = url[len("file://"):] if url.startswith("file://") else url
-        with open(local, "rb") as f:
+    if whole is None and url_protocol(url) == "file":
+        with open(local_path(url), "rb") as f:
             out = []
             for a, b in ranges:
                 f.seek(a, os.SEEK_END if b is None else os.SEEK_SET)
@@ -452,7 +549,7 @@ def read_ranges(url: str, ranges: list[tuple[int, int | None]], *, storage_optio
         # Until this process knows that the server honours Range, reads of one file go one at a
         # time: threads reading a file concurrently from a server that ignores Range would each
         # download all of it.
-        probing = _protocol(url) in ("http", "https") and not httpranges.honours_ranges(url)
+        probing = url_protocol(url) in ("http", "https") and not httpranges.honours_ranges(url)
         with _file_lock(url) if probing else contextlib.nullcontext():
             whole = _WHOLE.get(url) if probing else None
             if whole is None:
@@ -481,13 +578,14 @@ def read_ranges(url: str, ranges: list[tuple[int, int | None]], *, storage_optio
 # ---------------------------------------------------------------------------------------------- streams
 
 
-class _Stream:
+class _Stream(ReadOnlyFile):
     """A sequential read-only stream of a whole file with one request (works whether or not the
     server supports byte ranges). A transient failure mid-stream re-opens the file and skips to
     where it stopped, within the retry budget of `with_retries`."""
 
     def __init__(self, open_raw: Callable[[], Any], url: str, retries: int, backoff_s: float):
-        self._open_raw, self._url, self._retries, self._backoff_s = open_raw, url, retries, backoff_s
+        super().__init__(url)
+        self._open_raw, self._retries, self._backoff_s = open_raw, retries, backoff_s
         self._raw = with_retries(open_raw, url, retries=retries, backoff_s=backoff_s, what="open")
         self._pos = 0
 
@@ -514,22 +612,14 @@ class _Stream:
         self._pos += len(data)
         return data
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
     def tell(self) -> int:
         return self._pos
 
     def close(self) -> None:
+        super().close()
         if self._raw is not None:
             self._raw.close()
             self._raw = None
-
-    def __repr__(self) -> str:
-        return f"<stream {redact(self._url)}>"
 
 
 @contextlib.contextmanager
@@ -538,16 +628,16 @@ def open_stream(url: str, *, storage_options: dict | None = None, retries: int =
     """Read a whole file front to back, once: a local file, one streamed HTTP GET (no Range header,
     so any server will do, and no block cache), or an fsspec file for object stores (sequential
     block reads are exact ranges there). For tar shards, which are read sequentially."""
-    if _protocol(url) == "file":
-        local = url[len("file://"):] if url.startswith("file://") else url
+    if url_protocol(url) == "file":
+        local = local_path(url)
         if not os.path.isfile(local):
             raise FileNotFoundError(errno.ENOENT, f"{redact(url)}: not found; check the path and that the shard "
                                     f"exists", redact(url))
         with open(local, "rb") as f:
             yield f
         return
-    fs, path = _filesystem(url, storage_options)
-    if _protocol(url) in ("http", "https"):
+    fs, path = filesystem(url, storage_options)
+    if url_protocol(url) in ("http", "https"):
         stream = _Stream(lambda: fs.open(path, "rb", block_size=0), url, retries, backoff_s)
         try:
             yield stream
@@ -556,109 +646,3 @@ def open_stream(url: str, *, storage_options: dict | None = None, retries: int =
         return
     with open_file(url, storage_options=storage_options, retries=retries, backoff_s=backoff_s) as handle:
         yield handle
-
-
-# ---------------------------------------------------------------------------------------------- expansion
-
-
-def _split_top_level(spec: str) -> list[str]:
-    """Split on commas outside braces: ``a,b{1,2}`` -> ``["a", "b{1,2}"]``."""
-    parts, depth, current = [], 0, []
-    for ch in spec:
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth = max(0, depth - 1)
-        if ch == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _is_shard_name(name: str) -> bool:
-    return not name.endswith(_SIDECAR_SUFFIXES)
-
-
-def _manifest_shards(manifest_url: str, storage_options: dict | None, retries: int = 3) -> list[str]:
-    from distlstm.data.shards.manifest import Manifest  # late: manifest reads through this module
-    return Manifest.read(manifest_url, storage_options=storage_options, retries=retries).shard_urls()
-
-
-def _expand_local(pattern: str) -> list[str]:
-    path = os.path.abspath(os.path.expanduser(pattern[len("file://"):] if pattern.startswith("file://") else pattern))
-    if os.path.isdir(path):
-        manifest = os.path.join(path, "manifest.json")
-        if os.path.isfile(manifest):
-            return [os.path.normpath(p) for p in _manifest_shards(manifest, None)]
-        found = sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if n.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(path, n)))
-        if not found:
-            raise ValueError(f"{pattern}: directory has no manifest.json and no shard files "
-                             f"({', '.join('*' + s for s in SHARD_SUFFIXES)}); point at the output of distlstm.prep")
-        return found
-    if _GLOB_CHARS.search(path):
-        found = sorted(p for p in globlib.glob(path) if os.path.isfile(p) and _is_shard_name(p))
-        if not found:
-            raise ValueError(f"{pattern}: glob matched no files (looked for {path})")
-        return found
-    if os.path.basename(path) == "manifest.json" and os.path.isfile(path):
-        return [os.path.normpath(p) for p in _manifest_shards(path, None)]
-    if not os.path.isfile(path):
-        raise ValueError(f"{pattern}: no such file or directory (looked for {path})")
-    return [path]
-
-
-def _expand_remote(pattern: str, storage_options: dict | None, retries: int = 3) -> list[str]:
-    protocol = _protocol(pattern)
-    if protocol in ("http", "https"):
-        # HTTP cannot list: URLs are taken literally, except a "directory" URL ending in "/",
-        # which must hold a manifest.json.
-        if pattern.endswith("/"):
-            return _manifest_shards(pattern + "manifest.json", storage_options, retries)
-        return [pattern]
-    fs, path = _filesystem(pattern, storage_options)
-    if _GLOB_CHARS.search(path):
-        found = sorted(p for p in with_retries(lambda: fs.glob(path), pattern, retries=retries, what="glob") if _is_shard_name(p))
-        if not found:
-            raise ValueError(f"{redact(pattern)}: glob matched no objects (looked for {protocol}://{path})")
-        return [fs.unstrip_protocol(p) for p in found]
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    if name == "manifest.json":
-        return _manifest_shards(pattern, storage_options, retries)
-    if "." in name and not pattern.endswith("/"):
-        return [pattern]  # a file name: taken literally (no request per shard)
-    base = pattern.rstrip("/")
-    if with_retries(lambda: fs.exists(path.rstrip("/") + "/manifest.json"), pattern, retries=retries,
-                    what="stat"):
-        return _manifest_shards(base + "/manifest.json", storage_options, retries)
-    found = sorted(p for p in with_retries(lambda: fs.ls(path, detail=False), pattern, retries=retries, what="list")
-                   if p.endswith(SHARD_SUFFIXES))
-    if not found:
-        raise ValueError(f"{redact(pattern)}: no manifest.json and no shard objects under {protocol}://{path}")
-    return [fs.unstrip_protocol(p) for p in found]
-
-
-def expand_paths(spec: str | list[str], *, storage_options: dict | None = None, retries: int = 3) -> list[str]:
-    """Shard URLs/paths for a dataset spec, in a deterministic order.
-
-    `spec` is a list or a comma-separated string of: local files; directories (the shards listed in
-    their manifest.json, in manifest order, else their sorted ``*.parquet`` / ``*.tar`` files);
-    globs (``data/train-*.parquet``); brace ranges (``train-{00000..00127}.parquet``); ``http(s)://``
-    URLs (literal after brace expansion; a URL ending in ``/`` reads its manifest.json); object-store
-    URLs (``s3://``, ``gs://``, ...; globs and directories listed through fsspec). Local paths come
-    back absolute. No match raises ValueError naming the pattern.
-    """
-    parts = [p for item in ([spec] if isinstance(spec, str) else list(spec)) for p in _split_top_level(item)]
-    if not parts:
-        raise ValueError(f"empty dataset path spec {spec!r}; give files, directories, globs or URLs")
-    out: list[str] = []
-    for part in parts:
-        for pattern in braceexpand.braceexpand(part):
-            if _protocol(pattern) == "file":
-                out.extend(_expand_local(pattern))
-            else:
-                out.extend(_expand_remote(pattern, storage_options, retries))
-    return out

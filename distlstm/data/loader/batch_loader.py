@@ -28,7 +28,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from distlstm.config import AUTO, CPU_MAX_TOKENS
 from distlstm.data.batch import Batch, Chunk
 from distlstm.data.errors import BadSampleError
 from distlstm.data.shards.index import DatasetIndex
@@ -36,7 +35,7 @@ from distlstm.data.plan.epoch import EpochPlan, PlanParams
 from distlstm.data.loader.fetch import WindowFetcher
 from distlstm.data.loader.prefetch import prefetch_to_device
 from distlstm.data.loader.workers import ship_failures, worker_batches
-from distlstm.tasks import Task, _per_sample_any, get_task
+from distlstm.tasks import Task, per_sample_any, get_task
 
 STATE_VERSION = 2  # 2: + "streams"; a version 1 state was saved with one stream
 log = logging.getLogger(__name__)
@@ -63,9 +62,9 @@ def find_bad_samples(chunk: Chunk, *, task: str | Task, vocab_size: int, num_cla
     if len(values):
         if values.dtype.kind == "f":
             if not np.isfinite(values.sum(dtype=np.float64)):
-                flag(_per_sample_any(~np.isfinite(values).all(axis=1), offsets), "NaN or infinite feature value")
+                flag(per_sample_any(~np.isfinite(values).all(axis=1), offsets), "NaN or infinite feature value")
         elif vocab_size and (values.min() < 0 or values.max() >= vocab_size):
-            flag(_per_sample_any((values < 0) | (values >= vocab_size), offsets),
+            flag(per_sample_any((values < 0) | (values >= vocab_size), offsets),
                  f"token id outside [0, {vocab_size}) (model.vocab_size)")
     for mask, problem in task.check_labels(chunk.labels, offsets, num_classes):
         flag(mask, problem)
@@ -145,6 +144,15 @@ class _Assembler:
 
     def _decode(self, c: int) -> tuple[int, Chunk, dict[int, str]]:
         return (c, *self.chunk(c))
+
+    def window_lengths(self, chunks: np.ndarray) -> np.ndarray:
+        """The plan's `lengths_of`: the lengths of the samples of `chunks` from the decoded window
+        (decoded once: the batches are then cut from the same window), checked against the index."""
+        win = self._window(chunks)
+        parts = [self.index.check_chunk_lengths(int(c), win.lens[win.base[k]:win.base[k + 1]],
+                                                win.bad[win.base[k]:win.base[k + 1]])
+                 for k, c in enumerate(win.key)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def _window(self, chunks: np.ndarray) -> "_Window":
         """The decoded samples of one plan window joined into flat buffers, built once per window:
@@ -244,7 +252,7 @@ class _Window:
         self._chunk_first = chunk_offsets[ids]                     # global id of each chunk's sample 0
         self._first_sorted = self._chunk_first[self._sorted]
         counts = np.array([len(ch) for _, ch, _ in chunks], dtype=np.int64)
-        self._base = np.concatenate([[0], np.cumsum(counts)])      # window position of each chunk's sample 0
+        self.base = np.concatenate([[0], np.cumsum(counts)])      # window position of each chunk's sample 0
         sizes = [len(ch.values) for _, ch, _ in chunks]
         value_base = np.concatenate([[0], np.cumsum(sizes)])
         self.starts = np.concatenate([ch.offsets[:-1] + vb for (_, ch, _), vb in zip(chunks, value_base)] or
@@ -266,14 +274,14 @@ class _Window:
         if self.values.ndim == 2:
             self.rows = self.rows.transpose(0, 2, 1)
         self.labels = self._join_labels(chunks, per_step, max_length)
-        self.bad = np.zeros(int(self._base[-1]), dtype=bool)
+        self.bad = np.zeros(int(self.base[-1]), dtype=bool)
         # Kept for messages about bad samples (keys, first row); not their data, which the joined
         # buffers above already hold: keeping both would double a worker's memory.
         self._chunks = [(c, dataclasses.replace(ch, values=np.zeros(0, np.int64), labels=None), bad)
                         for c, ch, bad in chunks]
         for k, (_, _, bad) in enumerate(chunks):
             if bad:
-                self.bad[self._base[k] + np.fromiter(bad.keys(), dtype=np.int64)] = True
+                self.bad[self.base[k] + np.fromiter(bad.keys(), dtype=np.int64)] = True
         self.any_bad = bool(self.bad.any())
 
     @staticmethod
@@ -292,12 +300,12 @@ class _Window:
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Window positions of global sample ids (all inside this window)."""
         k = self._sorted[np.searchsorted(self._first_sorted, ids, side="right") - 1]
-        return self._base[k] + ids - self._chunk_first[k]
+        return self.base[k] + ids - self._chunk_first[k]
 
     def describe(self, pos: int) -> tuple[Chunk, int, str]:
-        k = int(np.searchsorted(self._base, pos, side="right") - 1)
+        k = int(np.searchsorted(self.base, pos, side="right") - 1)
         _, chunk, bad = self._chunks[k]
-        local = pos - int(self._base[k])
+        local = pos - int(self.base[k])
         return chunk, local, bad[local]
 
 
@@ -311,8 +319,8 @@ class _Stream(IterableDataset):
         self.epoch, self.consumed, self.max_epochs = epoch, consumed, max_epochs
 
     def _plan(self, epoch: int) -> EpochPlan:
-        return EpochPlan(self.index.chunk_offsets, self.index.lengths, self.params_for(epoch), seed=self.seed,
-                         epoch=epoch)
+        plan = EpochPlan.of(self.index.chunk_lengths, self.params_for(epoch), seed=self.seed, epoch=epoch)
+        return plan.with_lengths(self.assembler.window_lengths)
 
     def __iter__(self) -> Iterator[Batch]:
         return ship_failures(self._batches())
@@ -379,12 +387,20 @@ class BatchLoader:
             self._refuse_too_long()
 
     def _refuse_too_long(self) -> None:
-        over = np.flatnonzero(self.index.lengths > self.params.max_length)
-        if len(over):
-            shard, row = self.index.locate(int(over[0]))
-            raise ValueError(f"shard {shard}: {row}: length {int(self.index.lengths[over[0]])} exceeds "
-                             f"data.max_length={self.params.max_length} ({len(over)} samples in all); raise "
-                             f"data.max_length or set data.too_long=truncate|drop")
+        """data.too_long=error: refuse before step 1, from the chunks' longest samples (the first
+        offending chunk is decoded to name the row)."""
+        M = self.params.max_length
+        over_chunks = np.flatnonzero(self.index.chunk_lengths.longest > M)
+        if not len(over_chunks):
+            return
+        total = sum(int(b.counts[b.lengths > M].sum()) for b in self.index.chunk_lengths.blocks())
+        c = int(over_chunks[0])
+        lengths = self.index.read_chunk(c, task=self.assembler.task.name).lengths
+        local = int(np.flatnonzero(lengths > M)[0]) if (lengths > M).any() else 0
+        shard, row = self.index.locate(int(self.index.chunk_offsets[c]) + local)
+        raise ValueError(f"shard {shard}: {row}: length {int(self.index.chunk_lengths.longest[c])} exceeds "
+                         f"data.max_length={M} ({total} samples in all); raise "
+                         f"data.max_length or set data.too_long=truncate|drop")
 
     def params_for(self, epoch: int) -> PlanParams:
         """The plan parameters of `epoch`: the recorded number of streams for the epoch a loaded
@@ -422,12 +438,8 @@ class BatchLoader:
                 yield batch
 
     def _num_batches(self, epoch: int) -> int:
-        cached = getattr(self, "_counts", {})
-        if epoch not in cached:
-            cached = {epoch: EpochPlan(self.index.chunk_offsets, self.index.lengths, self.params_for(epoch),
-                                       seed=self.seed, epoch=epoch).num_batches}
-            self._counts = cached
-        return cached[epoch]
+        return EpochPlan.of(self.index.chunk_lengths, self.params_for(epoch), seed=self.seed,
+                            epoch=epoch).num_batches
 
     def rewind(self) -> None:
         """Back to the start of epoch 0 (the validation loader, before each evaluation)."""
@@ -450,6 +462,8 @@ class BatchLoader:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
         for key, mine in (("seed", self.seed), ("plan", _plan_fingerprint(self.params)),
                           ("dataset", self.index.fingerprint())):
+            if key == "dataset" and self.index.matches_fingerprint(state[key]):
+                continue
             if state[key] != mine:
                 raise ValueError(f"cannot resume the data position: {key} changed since the checkpoint "
                                  f"({state[key]} -> {mine}); restore the data.* settings and shards, or start "
@@ -465,8 +479,7 @@ class BatchLoader:
 
     def describe(self, epoch: int = 0) -> str:
         """One line about the plan of `epoch`, for the run log."""
-        plan = EpochPlan(self.index.chunk_offsets, self.index.lengths, self.params_for(epoch), seed=self.seed,
-                         epoch=epoch)
+        plan = EpochPlan.of(self.index.chunk_lengths, self.params_for(epoch), seed=self.seed, epoch=epoch)
         fillers = plan.num_batches - plan.num_real_batches
         return (f"{plan.num_batches} global batches per epoch in {plan.params.streams} stream(s) of "
                 f"{self.index.num_chunks} chunks ({fillers} fillers, {fillers / max(plan.num_batches, 1):.1%}), "
@@ -485,8 +498,8 @@ def resolve_streams(streams: int | str, *, dp_world_size: int, num_workers: int,
     as one), so that each chunk has one reader; for a dataset too small to give every stream
     `min_chunks_per_stream` chunks, the largest divisor of that count that does (each chunk is
     then read by ranks x workers / streams workers, and the log says so)."""
-    if streams != AUTO:
-        return int(streams)
+    if isinstance(streams, int):
+        return streams
     readers = dp_world_size * max(1, num_workers)
     return max(k for k in range(1, readers + 1) if readers % k == 0 and (k == 1 or num_chunks >= k * min_chunks_per_stream))
 
@@ -503,11 +516,11 @@ def streams_for(data_cfg, index: DatasetIndex, *, dp_world_size: int, num_worker
 
 
 def plan_params(data_cfg, *, shuffle: bool = True, streams: int = 1) -> PlanParams:
-    """The plan parameters of a `[data]` config; `streams` as resolved by `streams_for`. "auto"
-    values that were not resolved for a device (distlstm/run/autotune.py) take their CPU meaning:
-    max_tokens 8192, exact shapes."""
-    max_tokens = CPU_MAX_TOKENS if data_cfg.max_tokens == AUTO else data_cfg.max_tokens
-    shape_buckets = 0 if data_cfg.shape_buckets == AUTO else data_cfg.shape_buckets
+    """The plan parameters of a `[data]` config section; `streams` as resolved by `streams_for`.
+    "auto" values that were not resolved for a device (distlstm/run/autotune.py) take their host
+    meaning (`DataConfig.host_defaults`: the config decides what they mean, not the loader)."""
+    data_cfg = data_cfg.host_defaults()
+    max_tokens, shape_buckets = data_cfg.max_tokens, data_cfg.shape_buckets
     return PlanParams(max_tokens=max_tokens, min_batch_size=data_cfg.min_batch_size,
                       max_batch_size=data_cfg.max_batch_size, max_length=data_cfg.max_length,
                       too_long=data_cfg.too_long, window_chunks=data_cfg.window_chunks, shuffle=shuffle,
@@ -523,7 +536,7 @@ def build_loader(index: DatasetIndex, data_cfg, *, task: str, dp_rank: int, dp_w
     workers = data_cfg.num_workers if num_workers is None else num_workers
     streams = streams_for(data_cfg, index, dp_world_size=dp_world_size, num_workers=workers, shuffle=shuffle)
     readers = dp_world_size * max(1, workers)
-    if dp_rank == 0 and data_cfg.streams == AUTO and streams < readers:
+    if dp_rank == 0 and not isinstance(data_cfg.streams, int) and streams < readers:
         log.warning("data: %d chunks are too few for %d streams (ranks x workers); planning %d, so each chunk is "
                     "read by %d workers: write smaller row groups (prep --rows-per-group) for one reader per chunk",
                     index.num_chunks, readers, streams, readers // streams)

@@ -19,11 +19,24 @@ import torch
 from distlstm.data.batch import Batch
 
 
+_COPY_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+
+
+def copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The host-to-device copy stream of `device`: one per process and device, taken once. A new
+    stream each epoch would cycle through torch's pool of side streams, one of which the CUDA-graph
+    capture and replay of the step uses: a copy on it would serialise with the step."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _COPY_STREAMS:
+        _COPY_STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))
+    return _COPY_STREAMS[index]
+
+
 def prefetch_to_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
-    """`batches` moved to `device`, each copy issued one batch ahead. On CUDA the copies run on a
-    side stream from pinned memory; elsewhere `to()` is a plain move (still one ahead, so the
-    bookkeeping is the same on every device)."""
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    """`batches` moved to `device`, each copy issued one batch ahead. On CUDA the copies run on the
+    device's copy stream (`copy_stream`) from pinned memory; elsewhere `to()` is a plain move (still
+    one ahead, so the bookkeeping is the same on every device)."""
+    stream = copy_stream(device) if device.type == "cuda" else None
 
     def issue(host: Batch) -> tuple[Batch, torch.cuda.Event | None]:
         host = host.as_tensors()

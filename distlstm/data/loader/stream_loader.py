@@ -16,7 +16,6 @@ a batch of B x bptt tokens is cheap to build.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from typing import Callable, Iterator
 
@@ -38,11 +37,10 @@ class TokenStore:
 
     def __init__(self, index: DatasetIndex, *, vocab_size: int = 0, max_chunks: int = 8):
         self.index, self.vocab_size, self.max_chunks = index, vocab_size, max_chunks
-        lengths = index.lengths.astype(np.int64)
-        self.sample_start = np.concatenate([[0], np.cumsum(lengths)])   # stream position of each row
-        self.chunk_start = self.sample_start[index.chunk_offsets]          # ... of each chunk's first row
-        self.num_tokens = int(self.sample_start[-1])
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        # Stream position of each chunk's first token (per-chunk totals: nothing per sample).
+        self.chunk_start = np.concatenate([[0], np.cumsum(index.chunk_lengths.tokens)]).astype(np.int64)
+        self.num_tokens = int(self.chunk_start[-1])
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._pinned: set[int] = set()
 
     def read(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,15 +51,23 @@ class TokenStore:
         chunk = np.searchsorted(self.chunk_start, flat, side="right") - 1
         for c in np.unique(chunk).tolist():
             at = chunk == c
-            values, doc_start = self._chunk(c)
+            values, offsets, doc_start = self._chunk(c)
             local = flat[at] - self.chunk_start[c]
             tokens[at] = values[local]
-            sample = np.searchsorted(self.sample_start, flat[at], side="right") - 1
-            starts[at] = (self.sample_start[sample] == flat[at]) & doc_start[sample - self.index.chunk_offsets[c]]
+            row = np.searchsorted(offsets, local, side="right") - 1
+            starts[at] = (offsets[row] == local) & doc_start[row]
         return tokens.reshape(pos.shape), starts.reshape(pos.shape)
 
     def sample_at(self, pos: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.sample_start, pos, side="right") - 1
+        """Global sample id holding each stream position (its chunk is decoded, or cached)."""
+        chunk = np.searchsorted(self.chunk_start, pos, side="right") - 1
+        out = np.zeros(pos.shape, np.int64)
+        for c in np.unique(chunk).tolist():
+            at = chunk == c
+            offsets = self._chunk(c)[1]
+            out[at] = self.index.chunk_offsets[c] + np.searchsorted(offsets, pos[at] - self.chunk_start[c],
+                                                                    side="right") - 1
+        return out
 
     def pin(self, pos: np.ndarray) -> None:
         """Keep the chunks holding stream positions `pos` once decoded, beyond the `max_chunks` of
@@ -70,7 +76,7 @@ class TokenStore:
         the pin it would be read twice per epoch (once per row boundary)."""
         self._pinned = set((np.searchsorted(self.chunk_start, pos, side="right") - 1).tolist())
 
-    def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+    def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if c in self._cache:
             self._cache.move_to_end(c)
             return self._cache[c]
@@ -80,29 +86,20 @@ class TokenStore:
         self._cache[c] = self._decode(c)
         return self._cache[c]
 
-    def _decode(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        """(token values, doc_start per row) of chunk `c`, checked."""
+    def _decode(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token values, row offsets into them, doc_start per row) of chunk `c`, checked."""
         index = self.index
         s = int(index.chunk_shard[c])
         shard, rows = index.shards[s], int(index.chunk_offsets[c + 1] - index.chunk_offsets[c])
-        if index.formats[s] == "parquet":
-            from distlstm.data.shards.parquet import read_parquet_chunk
-            chunk = read_parquet_chunk(shard, int(index.chunk_local[c]), sequence_column=index.sequence_column,
-                                       label_column=None, storage_options=index.storage_options,
-                                       retries=index.retries, task="lm", source=index.remote_source(s),
-                                       flags_column=DOC_START_COLUMN)  # in the same request as the tokens
-            # A shard without the column: every row is a document.
-            doc_start = chunk.flags if chunk.flags is not None else np.ones(len(chunk), bool)
-        else:
-            from distlstm.data.shards.tar import read_tar_chunk
-            lo, hi = int(index.chunk_offsets[c]), int(index.chunk_offsets[c + 1])
-            chunk = read_tar_chunk(shard, storage_options=index.storage_options, retries=index.retries, task="lm",
-                                   labels=False, expected_lengths=index.lengths[lo:hi])
-            doc_start = self._tar_flags(shard, len(chunk))
+        chunk = index.read_chunk(c, task="lm", flags_column=DOC_START_COLUMN)
+        # A shard without the column (Parquet) or the sidecar's flags (tar): every row is a document.
+        doc_start = chunk.flags if chunk.flags is not None else np.ones(len(chunk), bool)
         where = lambda i: chunk.where(i) if chunk.keys else f"row {chunk.first_row + i}"  # noqa: E731
-        if len(chunk) != rows:
-            raise BadSampleError(shard, f"chunk {int(index.chunk_local[c])}", f"has {len(chunk)} rows but the index "
-                                 f"says {rows}: the file changed after it was indexed",
+        tokens = int(index.chunk_lengths.tokens[c])
+        if len(chunk) != rows or int(chunk.offsets[-1] - chunk.offsets[0]) != tokens:
+            raise BadSampleError(shard, f"chunk {int(index.chunk_local[c])}", f"has {len(chunk)} rows of "
+                                 f"{int(chunk.offsets[-1] - chunk.offsets[0])} tokens but the index says {rows} rows "
+                                 f"of {tokens}: the file changed after it was indexed",
                                  fix="delete the index cache (data.cache_dir) or restore the file")
         if chunk.bad:
             i, problem = next(iter(chunk.bad.items()))
@@ -116,30 +113,7 @@ class TokenStore:
             row = int(np.searchsorted(chunk.offsets, bad, side="right") - 1)
             raise BadSampleError(shard, where(row), f"token id {int(values[bad])} outside [0, {self.vocab_size}) "
                                  f"(model.vocab_size)", fix=_FIX)
-        return values, doc_start
-
-    def _tar_flags(self, shard: str, rows: int) -> np.ndarray:
-        """doc_start from the shard's `.idx.json` sidecar (written by prep); every row without one."""
-        from distlstm.data.sources import read_bytes
-        from distlstm.data.shards.tar import sidecar_url
-        try:
-            side = json.loads(read_bytes(sidecar_url(shard), storage_options=self.index.storage_options,
-                                         retries=self.index.retries))
-        except FileNotFoundError:  # no sidecar: every sample is a document
-            return np.ones(rows, bool)
-        except (OSError, ValueError) as exc:
-            # Not "every sample is a document": a sidecar that failed to download or parse would
-            # silently change where the state is reset.
-            raise BadSampleError(shard, "sidecar", f"{sidecar_url(shard).rsplit('/', 1)[-1]} cannot be read "
-                                 f"({exc})", fix="check the connection, or re-create the shard and its .idx.json "
-                                 "with distlstm.prep") from exc
-        if not isinstance(side, dict) or DOC_START_COLUMN not in side:  # no flags: every sample is a document
-            return np.ones(rows, bool)
-        flags = np.asarray(side[DOC_START_COLUMN], bool)
-        if len(flags) != rows:
-            raise BadSampleError(shard, "sidecar", f"'{DOC_START_COLUMN}' has {len(flags)} entries for {rows} samples",
-                                 fix="re-create the shard and its .idx.json with distlstm.prep")
-        return flags
+        return values, (chunk.offsets - chunk.offsets[0]).astype(np.int64), doc_start
 
 
 _FIX = "fix the data (data.on_bad_sample=skip is not available with data.lm_mode=stream)"
@@ -153,7 +127,7 @@ class _StreamDataset(IterableDataset):
         self.index, self.params, self.seed, self.vocab_size = index, params, seed, vocab_size
         self.rows, self.max_epochs, self.start = rows, max_epochs, start
         self.mine = np.arange(dp_rank * params.batch_size, (dp_rank + 1) * params.batch_size)
-        self.num_tokens = int(index.lengths.astype(np.int64).sum())
+        self.num_tokens = index.num_tokens
 
     def __iter__(self) -> Iterator[Batch]:
         return ship_failures(self._batches())
@@ -223,7 +197,7 @@ class StreamLoader:
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_epochs, self.vocab_size, self.agree, self.log = max_epochs, vocab_size, agree, log
         self.rows = params.batch_size * dp_world_size
-        self.num_tokens = int(index.lengths.astype(np.int64).sum())
+        self.num_tokens = index.num_tokens
         if self.num_tokens - 1 < self.rows:
             raise ValueError(f"the {split} stream has {max(0, self.num_tokens - 1)} targets, fewer than its "
                              f"{self.rows} rows (data.batch_size={params.batch_size} x {dp_world_size} ranks); "

@@ -66,6 +66,11 @@ def _kill_leftover_workers() -> None:
 
 
 def _die_with_parent() -> None:
+    """Die (SIGKILL) when the process that started this worker dies, and exit now if the training
+    process is already gone. The worker's parent, which PR_SET_PDEATHSIG watches, is the training
+    process under fork and spawn; under forkserver (Python 3.14's default on Linux) it is the
+    forkserver, a child of the training process that exits as soon as the training process does
+    (EOF on the pipe it holds from it), so the worker still dies with the trainer."""
     import ctypes
     import multiprocessing
 
@@ -73,9 +78,24 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: DataLoader's own watchdog still ends the worker
         return
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # the parent died before the prctl
-        os._exit(1)
+    trainer = multiprocessing.parent_process()  # the training process, whatever the start method
+    if trainer is None:
+        return
+    parent = os.getppid()
+    if parent != trainer.pid and _parent_pid(parent) != trainer.pid:
+        os._exit(1)  # the training process (or its forkserver) died before the prctl
+
+
+def _parent_pid(pid: int) -> int | None:
+    """The parent of process `pid` (Linux /proc), or None if it is gone or unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'.
+    fields = stat[stat.rfind(b")") + 1:].split()
+    return int(fields[1]) if len(fields) > 1 else None
 
 
 class WorkerFailure:

@@ -37,17 +37,19 @@ times per epoch (though each sample still goes into one batch on one rank).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import heapq
 import json
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from distlstm.data.plan import shapes as bounded
+from distlstm.data.plan.chunks import ChunkLengths
 
 # Geometric bucket edges: a bucket spans lengths (edge[k-1], edge[k]]. 5% steps keep the worst-case
 # padding inside a bucket small, and sorting inside the window makes the typical case far smaller.
@@ -103,7 +105,7 @@ def _rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch, *stream])
 
 
-def _segments(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+def segments(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Concatenated aranges: starts[i] .. starts[i]+sizes[i]-1, vectorised."""
     total = int(sizes.sum())
     if total == 0:
@@ -113,39 +115,54 @@ def _segments(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 class EpochPlan:
-    """One epoch's global batches. Counting is cheap (per-window bincounts); a window's batches are
-    materialised on demand, so memory follows the window, not the dataset."""
+    """One epoch's global batches. Counting takes one pass over the chunks' length histograms
+    (distlstm/data/plan/chunks.py), never a per-sample array; a window's batches are materialised on
+    demand from its samples' lengths, so memory follows the chunks and the window, not the dataset.
 
-    def __init__(self, chunk_offsets: np.ndarray, lengths: np.ndarray, params: PlanParams, *,
-                 seed: int, epoch: int):
+    `lengths` is a `ChunkLengths`, or every sample's length (tests and tools: its histograms are
+    built here and it answers `lengths_of`). `lengths_of(chunks)` gives the lengths of the samples
+    of `chunks`, chunk by chunk in that order (the loader: from the decoded window); they must agree
+    with the histograms, or the window's batch count would differ from the one planned."""
+
+    def __init__(self, chunk_offsets: np.ndarray | None, lengths, params: PlanParams, *,
+                 seed: int, epoch: int, lengths_of: Callable[[np.ndarray], np.ndarray] | None = None):
         self.params, self.seed, self.epoch = params, seed, epoch
-        self._offsets = np.asarray(chunk_offsets, dtype=np.int64)
-        self._lengths = lengths
+        if isinstance(lengths, ChunkLengths):
+            stats = lengths
+        else:
+            array = np.asarray(lengths)
+            stats = ChunkLengths.from_lengths(chunk_offsets, array)
+            if lengths_of is None:
+                lengths_of = lambda chunks: array[self._window_ids(chunks)]  # noqa: E731
+        self.stats = stats
+        self.lengths_of = lengths_of
+        self._offsets = stats.chunk_offsets
         self.bounded = params.shape_buckets > 0
-        kept = self._kept_lengths() if self.bounded else None
-        self._edges = (bounded.shape_lengths(kept[kept > 0], params.shape_buckets) if self.bounded
-                       else bucket_edges(params.max_length))
+        drop = params.too_long == "drop"
+        clipped, kept_tokens, kept_hist = stats.per_chunk(params.max_length, drop, with_histogram=self.bounded)
+        if self.bounded:
+            kept_hist = kept_hist.copy()
+            kept_hist[0] = 0
+            self._edges = bounded.shape_lengths_of_histogram(kept_hist, params.shape_buckets)
+        else:
+            self._edges = bucket_edges(params.max_length)
         self._sizes = bucket_batch_sizes(self._edges, params)
         # Bucket of every possible (clipped) length: a gather instead of a search per sample.
         self._bucket_of = np.searchsorted(self._edges, np.arange(params.max_length + 1)).astype(np.int64)
-        n_chunks = len(self._offsets) - 1
+        n_chunks = stats.num_chunks
         order = _rng(seed, epoch, 0).permutation(n_chunks) if params.shuffle else np.arange(n_chunks)
         K, size = params.streams, params.window_chunks
-        chunk_tokens = None
-        if self.bounded:
-            csum = np.concatenate([[0], np.cumsum(kept)])
-            chunk_tokens = csum[self._offsets[1:]] - csum[self._offsets[:-1]]
         # Each stream owns a random share of the whole dataset (so its windows mix as well as with
         # one stream); windows are numbered stream by stream.
         self._windows, first_window = [], [0]
-        for mine in self._deal(order, K):
+        for mine in self._deal(order, K, clipped):
             if self.bounded:
-                self._windows += _token_windows(mine, chunk_tokens, size, bounded.window_token_floor(params.max_tokens))
+                self._windows += _token_windows(mine, kept_tokens, size, bounded.window_token_floor(params.max_tokens))
             else:
                 self._windows += [mine[i:i + size] for i in range(0, len(mine), size)]
             first_window.append(len(self._windows))
-        counts = np.array([self._count_batches(w) for w in range(len(self._windows))], dtype=np.int64)
-        self._window_start = np.concatenate([[0], np.cumsum(counts)])
+        counts = self._count_batches()
+        self._window_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._first_window = np.asarray(first_window, dtype=np.int64)
         self._stream_start = self._window_start[first_window]
         self._stream_len = np.diff(self._stream_start)
@@ -153,22 +170,68 @@ class EpochPlan:
         self._num_batches = longest * K if K > 1 else int(self._stream_len[0])
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = OrderedDict()
 
-    def _deal(self, order: np.ndarray, K: int) -> list[np.ndarray]:
+    @classmethod
+    def of(cls, stats: ChunkLengths, params: PlanParams, *, seed: int, epoch: int) -> "EpochPlan":
+        """The plan of (stats, params, seed, epoch), built once per process and shared by whoever
+        asks (the run's step count, the loader, its description); a few epochs are kept."""
+        key = (params, seed, epoch)
+        if key not in stats.plans:
+            stats.plans[key] = cls(None, stats, params, seed=seed, epoch=epoch)
+            while len(stats.plans) > 3:
+                stats.plans.popitem(last=False)
+        return stats.plans[key]
+
+    def with_lengths(self, lengths_of: Callable[[np.ndarray], np.ndarray]) -> "EpochPlan":
+        """This plan (its counts shared) materialising windows from `lengths_of`, with its own
+        window cache."""
+        twin = copy.copy(self)
+        twin.lengths_of, twin._cache = lengths_of, OrderedDict()
+        return twin
+
+    def _deal(self, order: np.ndarray, K: int, tokens: np.ndarray) -> list[np.ndarray]:
         """Chunks of each stream, in `order`: each chunk goes to the stream with the fewest tokens
         so far (ties to the lower stream), so the streams end within about one chunk of each other
         and few fillers are needed when the shorter ones run out."""
         if K == 1:
             return [order]
-        lens = np.minimum(self._lengths, self.params.max_length).astype(np.int64)
-        tokens = np.add.reduceat(lens, self._offsets[:-1]) if len(lens) else np.zeros(len(order), np.int64)
-        tokens[np.diff(self._offsets) == 0] = 0  # reduceat gives an empty chunk its neighbour's value
         heap = [(0, s) for s in range(K)]
         owner = np.empty(len(order), np.int64)
-        for p, c in enumerate(order.tolist()):
+        for p, t in enumerate(tokens[order].tolist()):
             load, s = heap[0]
             owner[p] = s
-            heapq.heapreplace(heap, (load + int(tokens[c]), s))
+            heapq.heapreplace(heap, (load + t, s))
         return [order[owner == s] for s in range(K)]
+
+    def _count_batches(self) -> np.ndarray:
+        """Batches of every window, from the windows' samples per length bucket: one pass over the
+        chunks' histograms, accumulated per window (O(chunks + windows x buckets) memory)."""
+        W, B, M = len(self._windows), len(self._edges), self.params.max_length
+        # Every chunk is in one window: (its window x B), the start of its row of bucket counts.
+        row_of = np.zeros(self.stats.num_chunks, np.int64)
+        for w, chunks in enumerate(self._windows):
+            row_of[chunks] = w * B
+        # Bucket of each length as batched (clipped to M), up to the longest sample; -1: dropped.
+        top = max(int(self.stats.longest.max()) if self.stats.num_chunks else 0, M)
+        bucket = self._bucket_of[np.minimum(np.arange(top + 1), M)]
+        if self.params.too_long == "drop":
+            bucket[M + 1:] = -1
+        per_bucket = np.zeros(W * B, np.int64)
+        for block in self.stats.blocks():
+            b = bucket[block.lengths]
+            key = np.repeat(row_of[block.first:block.first + block.num_chunks], np.diff(block.ptr)) + b
+            n = block.counts
+            if self.params.too_long == "drop":
+                key, n = key[b >= 0], n[b >= 0]
+            # A block's chunks lie in windows all over the epoch: a scatter-add, not a bincount
+            # over the whole (windows x buckets) span per block.
+            np.add.at(per_bucket, key, n)
+        per_bucket = per_bucket.reshape(W, B)
+        if self.bounded:
+            return np.array([bounded.count_batches(row, self._sizes) for row in per_bucket], dtype=np.int64)
+        return (-(-per_bucket // self._sizes)).sum(axis=1).astype(np.int64)
+
+    def _window_ids(self, chunks: np.ndarray) -> np.ndarray:
+        return segments(self._offsets[chunks], self._offsets[chunks + 1] - self._offsets[chunks])
 
     def _locate(self, g: int) -> tuple[int, int, bool]:
         """(window, batch within the window, is_filler) of global slot `g` (any g >= 0: past the end
@@ -205,48 +268,37 @@ class EpochPlan:
         """Batches of each stream (the longest one sets the epoch's length)."""
         return self._stream_len.copy()
 
-    def _kept_lengths(self) -> np.ndarray:
-        """Every sample's length as batched: clipped to max_length, 0 where too_long=drop drops it;
-        at least 1 (an empty sample is the loader's to report, not a zero-length shape)."""
-        lens = np.asarray(self._lengths).astype(np.int64)
-        kept = np.clip(lens, 1, self.params.max_length)
-        if self.params.too_long == "drop":
-            kept[lens > self.params.max_length] = 0
-        return kept
-
-    def _window_samples(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+    def _window_samples(self, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sample ids, lengths as batched, true lengths) of window `w`'s kept samples."""
         chunks = self._windows[w]
-        ids = _segments(self._offsets[chunks], self._offsets[chunks + 1] - self._offsets[chunks])
-        lens = self._lengths[ids].astype(np.int64)
+        ids = self._window_ids(chunks)
+        if self.lengths_of is None:
+            raise RuntimeError("this plan counts batches only: give lengths_of to materialise a window")
+        true = np.asarray(self.lengths_of(chunks)).astype(np.int64)
+        if len(true) != len(ids):
+            raise ValueError(f"window {w}: {len(true)} lengths for {len(ids)} samples")
         if self.params.too_long == "drop":
-            keep = lens <= self.params.max_length
-            ids, lens = ids[keep], lens[keep]
-        return ids, np.minimum(lens, self.params.max_length)
+            keep = true <= self.params.max_length
+            ids, true = ids[keep], true[keep]
+        return ids, np.minimum(true, self.params.max_length), true
 
     @property
     def num_windows(self) -> int:
         return len(self._windows)
 
-    def _count_batches(self, w: int) -> int:
-        _, lens = self._window_samples(w)
-        per_bucket = np.bincount(self._bucket_of[lens], minlength=len(self._edges))
-        if self.bounded:
-            return bounded.count_batches(per_bucket, self._sizes)
-        return int((-(-per_bucket // self._sizes)).sum())
-
     def window_batches(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(batch_offsets, sample_ids) of window `w`; batch b is sample_ids[offsets[b]:offsets[b+1]]."""
         if w in self._cache:
             return self._cache[w][:2]
-        ids, lens = self._window_samples(w)
+        ids, lens, true = self._window_samples(w)
         rng = _rng(self.seed, self.epoch, 1, w)
         if self.params.shuffle:  # random order, then a stable sort by length: random tie-break
             perm = rng.permutation(len(ids))
-            ids, lens = ids[perm], lens[perm]
+            ids, lens, true = ids[perm], lens[perm], true[perm]
         # Lengths fit 16 bits for any sane max_length, and numpy radix-sorts 16-bit keys.
         key = lens.astype(np.uint16) if self.params.max_length < 1 << 16 else lens
         if self.params.too_long == "chunk":  # longer samples stay whole: batch them by their true length
-            key = self._lengths[ids].astype(np.int64)
+            key = true
         order = np.argsort(key, kind="stable")
         ids, buckets = ids[order], self._bucket_of[lens[order]]
         classes = None
@@ -256,7 +308,7 @@ class EpochPlan:
         else:
             starts, sizes = self._cut_buckets(ids, buckets)
         perm = rng.permutation(len(starts)) if self.params.shuffle else np.arange(len(starts))
-        sample_ids = ids[_segments(starts[perm], sizes[perm])]
+        sample_ids = ids[segments(starts[perm], sizes[perm])]
         offsets = np.concatenate([[0], np.cumsum(sizes[perm])]).astype(np.int64)
         self._cache[w] = (offsets, sample_ids, None if classes is None else classes[perm])
         while len(self._cache) > self.params.streams:  # one window per stream in use

@@ -34,9 +34,15 @@ def shape_lengths(lengths: np.ndarray, count: int) -> np.ndarray:
     """At most `count` padded lengths (sorted, unique, int64) covering `lengths` (already clipped
     to max_length, dropped samples removed)."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) == 0:
+    return shape_lengths_of_histogram(np.bincount(lengths) if len(lengths) else np.zeros(1, np.int64), count)
+
+
+def shape_lengths_of_histogram(hist: np.ndarray, count: int) -> np.ndarray:
+    """`shape_lengths` from the histogram of the lengths (`hist[L]` samples of length L): what the
+    plan has, one pass over the chunks' histograms instead of every sample's length."""
+    hist = np.asarray(hist, dtype=np.int64)
+    if not hist.any():
         return np.zeros(0, np.int64)
-    hist = np.bincount(lengths)
     # 256 * sqrt(samples of each length), as integers: the cumulative sum is exact, so the cut
     # points are identical on every rank (sqrt itself is correctly rounded by IEEE 754).
     weight = np.floor(np.sqrt(hist.astype(np.float64) * 65536.0)).astype(np.int64)

@@ -11,10 +11,8 @@ import argparse
 import collections
 import csv
 import hashlib
-import io
 import json
 import os
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -25,14 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from distlstm.data.shards.manifest import Manifest, ShardInfo
+from distlstm.data.plan.chunks import LENGTHS_KEY, encode_block, histogram_block
 from distlstm.data.plan.stream import DOC_START_COLUMN
-from distlstm.tasks import TASKS, get_task
+from distlstm.data.shards.manifest import Manifest, ShardInfo
+from distlstm.data.shards.tar import write_sidecar
+from distlstm.data.sources import file_digest
+from distlstm.data.vocab import TOKENIZERS, UNK, Vocab, tokenize
+from distlstm.tasks import TASKS, get_task, npy_bytes
 
-
-_WORD = re.compile(r"\w+|[^\w\s]")
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-UNK, EOS = "<unk>", "<eos>"
 _OUTPUTS = ("train", "valid", "vocab.json", "labels.json")
 
 EXAMPLES = """examples:
@@ -72,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     task = p.add_argument_group("task and tokenisation")
     task.add_argument("--task", choices=TASKS,
                       help="what the labels are for; default lm for --text, required otherwise")
-    task.add_argument("--tokenizer", choices=("char", "word", "whitespace"), default="char",
+    task.add_argument("--tokenizer", choices=TOKENIZERS, default="char",
                       help="for text: char = every character is a token; word = words and punctuation "
                       "(regex \\w+|[^\\w\\s]); whitespace = pre-tokenised text: split on whitespace, <eos> "
                       "at the end of every line (as word-level corpora such as PTB and WikiText are "
@@ -80,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "the text maps to it (default: char)")
     task.add_argument("--min-count", type=int, default=1, help="tokens seen fewer times map to <unk> (default: 1)")
     task.add_argument("--max-vocab", type=int, default=0, help="keep only the most frequent N tokens; 0 = all")
+    task.add_argument("--vocab", metavar="FILE", help="reuse this vocabulary (the vocab.json of an earlier prep, "
+                      "e.g. of the training text) instead of building one, so that splits prepped from separate "
+                      "files share token ids; tokens not in it map to <unk> (text inputs only)")
     task.add_argument("--lm-layout", choices=("stream", "windows"), default="stream",
                       help="lm: stream = each document's tokens in consecutive rows of --seq-len tokens, "
                       "no overlap, with a 'doc_start' flag on a document's first row (for data.lm_mode=stream; "
@@ -115,8 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class PrepError(SystemExit):
+    """A user error: `main` prints it as one line and exits 2 (str() is the line)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
 def _fail(message: str) -> None:
-    raise SystemExit(f"distlstm.prep: error: {message}")
+    raise PrepError(f"distlstm.prep: error: {message}")
+
+
+def _not_text(path: str, where: str, reason: str) -> None:
+    _fail(f"input file {path} is not UTF-8 text ({reason}{where}); give a text, JSONL or CSV file "
+          f"(convert another encoding first, e.g. iconv -f latin1 -t utf-8)")
 
 
 def _check_args(a: argparse.Namespace) -> None:
@@ -128,8 +142,13 @@ def _check_args(a: argparse.Namespace) -> None:
     for path in a.files:
         if not os.path.isfile(path):
             _fail(f"input file {path} does not exist")
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        nul = head.find(b"\0")
+        if nul >= 0:  # valid UTF-8, but no text file has NUL bytes: a binary file
+            _not_text(path, "", f"a NUL byte at offset {nul}: a binary file?")
     if a.input_kind == "text":
-        if a.task not in (None, "lm"):
+        if a.task is not None and get_task(a.task).has_labels:
             _fail(f"--task {a.task} needs labels; plain --text supports only --task lm (use --jsonl/--csv)")
         a.task = "lm"
     else:
@@ -137,18 +156,19 @@ def _check_args(a: argparse.Namespace) -> None:
             _fail("give exactly one of --tokens-field, --features-field for --jsonl/--csv")
         if a.task is None:
             _fail("--task is required for --jsonl/--csv (classify, regress, tag or lm)")
-        if a.task != "lm" and not a.label_field:
+        if get_task(a.task).has_labels and not a.label_field:
             _fail(f"--task {a.task} needs --label-field")
-        if a.task == "lm" and a.features_field:
+        if get_task(a.task).predicts_tokens and a.features_field:
             _fail("--task lm needs token ids (--tokens-field), not --features-field")
-    if a.stride and a.task == "lm" and a.lm_layout == "stream" and a.stride != a.seq_len:
+    a.kind = get_task(a.task)
+    if a.stride and a.kind.predicts_tokens and a.lm_layout == "stream" and a.stride != a.seq_len:
         _fail(f"--stride {a.stride} applies to --lm-layout windows; the stream layout never overlaps rows")
     a.stride = a.stride or a.seq_len
     if a.seq_len < 1 or not 1 <= a.stride <= a.seq_len:
         _fail(f"--seq-len {a.seq_len} / --stride {a.stride}: need seq_len >= 1 and 1 <= stride <= seq_len")
     if not 0.0 <= a.valid_fraction < 1.0:
         _fail(f"--valid-fraction {a.valid_fraction}: must be in [0, 1)")
-    if a.split == "tail" and a.task != "lm":
+    if a.split == "tail" and not a.kind.predicts_tokens:
         _fail("--split tail is for --task lm; use --split random")
     for flag in ("shard_size_mb", "rows_per_group", "split_block"):
         if getattr(a, flag) <= 0:
@@ -158,21 +178,12 @@ def _check_args(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _tokenize(text: str, tokenizer: str) -> list[str]:
-    if tokenizer == "whitespace":
-        lines = _LINE_BREAK.split(text)
-        if lines[-1] == "":
-            lines.pop()  # text that ends with a line break (or is empty) has no line after it
-        return [token for line in lines for token in line.split() + [EOS]]
-    return list(text) if tokenizer == "char" else _WORD.findall(text)
-
-
 def _text_documents(paths: list[str], doc_per: str) -> Iterator[tuple[str, list[str]]]:
     """(where, lines) per document; for doc_per=file the lines come in pieces of at most 64k lines."""
     for path in paths:
         with open(path, encoding="utf-8", newline="") as f:
             lines, start = [], 1
-            for lineno, line in enumerate(f, 1):
+            for lineno, line in _decoded(f, path):
                 if doc_per == "line":
                     yield f"{path}:{lineno}", [line]
                 elif doc_per == "blank-line" and not line.strip():
@@ -186,6 +197,32 @@ def _text_documents(paths: list[str], doc_per: str) -> Iterator[tuple[str, list[
                         lines, start = [], lineno + 1
             if lines:
                 yield f"{path}:{start}", lines
+
+
+def _decoded(f, path: str) -> Iterator:
+    """enumerate(f, 1), with a decoding error as one line naming the file, line and byte."""
+    lines = enumerate(f, 1)
+    while True:
+        try:
+            yield next(lines)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:
+            _not_text(path, *_first_bad_byte(path))
+
+
+def _first_bad_byte(path: str) -> tuple[str, str]:
+    """(where, what) of the first byte in `path` that is not UTF-8 (only after a decoding error: the
+    text reader decodes ahead in chunks, so its line number is not the line at fault)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):  # a multi-byte character never spans b"\n"
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f" at line {number}, byte offset {offset + exc.start}", f"byte {line[exc.start]:#04x}"
+            offset += len(line)
+    return "", "a decoding error"
 
 
 def _parse_cell(value: Any, where: str, name: str) -> Any:
@@ -202,8 +239,9 @@ def _records(a) -> Iterator[tuple[str, Any, Any]]:
     seq_field = a.tokens_field or a.features_field
     for path in a.files:
         with open(path, encoding="utf-8", newline="") as f:
-            rows = (json.loads(line) if line.strip() else None for line in f) if a.input_kind == "jsonl" \
-                else csv.DictReader(f)
+            lines = (line for _, line in _decoded(f, path))
+            rows = (json.loads(line) if line.strip() else None for line in lines) if a.input_kind == "jsonl" \
+                else csv.DictReader(lines)
             for number, row in enumerate(rows, 1 if a.input_kind == "jsonl" else 2):
                 where = f"{path}:{number}"
                 if row is None:
@@ -247,7 +285,7 @@ def _survey(a) -> Survey:
         for where, lines in tqdm(_text_documents(a.files, a.doc_per), desc="pass 1/2", unit="doc", disable=a.quiet):
             n = 0
             for line in lines:
-                tokens = _tokenize(line, a.tokenizer)
+                tokens = tokenize(line, a.tokenizer)
                 s.counts.update(tokens)
                 n += len(tokens)
             if last_doc is not None and last_doc.endswith("+") and where.split(":")[0] == last_doc.split(":")[0]:
@@ -262,7 +300,7 @@ def _survey(a) -> Survey:
             if isinstance(seq, Exception):
                 continue
             if isinstance(seq, str):
-                tokens = _tokenize(seq, a.tokenizer)
+                tokens = tokenize(seq, a.tokenizer)
                 s.counts.update(tokens)
                 s.doc_tokens.append(len(tokens))
             elif a.tokens_field and isinstance(seq, list):
@@ -270,8 +308,8 @@ def _survey(a) -> Survey:
                 s.doc_tokens.append(len(seq))
             elif a.features_field and isinstance(seq, list) and seq and isinstance(seq[0], list):
                 s.input_size = s.input_size or len(seq[0])
-            for value in (label if a.task == "tag" and isinstance(label, list) else [label]):
-                if isinstance(value, str) and a.task in ("classify", "tag"):
+            for value in a.kind.label_values(label):
+                if isinstance(value, str) and a.kind.named_labels:
                     try:
                         value = int(value)
                     except ValueError:
@@ -279,7 +317,9 @@ def _survey(a) -> Survey:
                         continue
                 if isinstance(value, int) and not isinstance(value, bool):
                     s.max_label = max(s.max_label, value)
-    if s.counts:
+    if a.vocab:
+        s.itos = _reused_vocab(a, s)
+    elif s.counts:
         # A literal <unk> (pre-tokenised corpora mark rare words with it) is id 0, not a second entry.
         ranked = sorted(((t, c) for t, c in s.counts.items() if c >= a.min_count and t != UNK),
                         key=lambda tc: (-tc[1], tc[0]))
@@ -293,6 +333,24 @@ def _survey(a) -> Survey:
     return s
 
 
+def _reused_vocab(a, s: Survey) -> list[str]:
+    """--vocab FILE: its tokens, checked against this prep's tokenizer and inputs."""
+    if s.max_token_id >= 0:
+        _fail(f"--vocab {a.vocab}: the records hold token ids, not text; ids need no vocabulary (give training "
+              f"--model.vocab_size if the splits' largest ids differ)")
+    if a.min_count != 1 or a.max_vocab:
+        _fail(f"--vocab {a.vocab} fixes the vocabulary; drop --min-count / --max-vocab")
+    try:
+        vocab = Vocab.read(a.vocab)
+    except (OSError, ValueError) as exc:
+        _fail(f"--vocab {a.vocab}: {exc}")
+    if vocab.tokenizer != a.tokenizer:
+        _fail(f"--vocab {a.vocab} was built with --tokenizer {vocab.tokenizer}; pass --tokenizer {vocab.tokenizer}")
+    if vocab.unk_id != 0 or not vocab.tokens or vocab.tokens[0] != UNK:
+        _fail(f"--vocab {a.vocab}: id 0 is not {UNK}; give a vocab.json written by distlstm.prep")
+    return vocab.tokens
+
+
 # ---------------------------------------------------------------------------------------------- pass 2
 
 
@@ -301,7 +359,7 @@ def _to_sample(a, s: Survey, stoi: dict, seq: Any, label: Any, where: str) -> tu
     if isinstance(seq, str):
         if a.features_field:
             raise ValueError(f"{where}: '{a.features_field}' is text, expected a list of float lists")
-        array = np.fromiter((stoi.get(t, 0) for t in _tokenize(seq, a.tokenizer)), np.int32)
+        array = np.fromiter((stoi.get(t, 0) for t in tokenize(seq, a.tokenizer)), np.int32)
     elif a.tokens_field:
         if not isinstance(seq, list) or not all(isinstance(t, int) and t >= 0 for t in seq):
             raise ValueError(f"{where}: '{a.tokens_field}' must be text or a list of non-negative ints")
@@ -315,36 +373,16 @@ def _to_sample(a, s: Survey, stoi: dict, seq: Any, label: Any, where: str) -> tu
             raise ValueError(f"{where}: '{a.features_field}' must be T lists of {s.input_size} floats")
         if not np.isfinite(array).all():
             raise ValueError(f"{where}: '{a.features_field}' contains NaN or inf")
-    if a.max_len and a.task != "lm":
+    if a.max_len and a.kind.has_labels:
         array = array[: a.max_len]
-    if a.task == "lm":
+    if not a.kind.has_labels:
         return array, None
     if len(array) == 0:
         raise ValueError(f"{where}: empty sequence")
     try:
-        return array, _to_label(a, s, label, len(array))
+        return array, a.kind.parse_label(label, length=len(array), names=s.label_ids)
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"{where}: field '{a.label_field}' = {str(label)[:40]!r}: {exc}") from None
-
-
-def _to_label(a, s: Survey, label: Any, length: int) -> Any:
-    if a.task == "regress":
-        value = np.asarray(float(label) if isinstance(label, str) else label, np.float32)
-        if value.ndim > 1 or not np.isfinite(value).all():
-            raise ValueError("expected a finite float or list of floats")
-        return value
-    ids = s.label_ids
-    as_id = (lambda v: ids[v] if isinstance(v, str) and ids is not None else int(v))
-    if a.task == "classify":
-        value = as_id(label)
-        if value < 0:
-            raise ValueError("class ids must be >= 0")
-        return value
-    tags = np.asarray([as_id(v) for v in label], np.int32)
-    tags = tags[: length]
-    if len(tags) != length or (tags < 0).any():
-        raise ValueError(f"expected {length} non-negative tags, one per step")
-    return tags
 
 
 def _lm_chunks(tokens: np.ndarray, seq_len: int, stride: int) -> Iterator[np.ndarray]:
@@ -390,26 +428,13 @@ class Splitter:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class ShardWriter:
     """Writes one split's samples into shards of about `shard_bytes`, returning manifest entries."""
 
     def __init__(self, directory: str, split: str, fmt: str, task: str, features: bool,
                  shard_bytes: int, rows_per_group: int):
-        self.directory, self.split, self.fmt, self.task, self.features = directory, split, fmt, task, features
+        self.directory, self.split, self.fmt, self.features = directory, split, fmt, features
+        self.task = get_task(task)
         self.shard_bytes, self.rows_per_group = shard_bytes, rows_per_group
         self.shards: list[dict] = []
         self.pending: list[tuple[np.ndarray, Any]] = []
@@ -424,7 +449,7 @@ class ShardWriter:
         name = f"{self.split}-{len(self.shards):05d}.{self.fmt}"
         self.name, self.path = name, os.path.join(self.directory, name)
         self.file = open(self.path, "wb")
-        self.keys, self.lengths, self.doc_start = [], [], []
+        self.keys, self.lengths, self.doc_start, self.group_rows = [], [], [], []
         if self.fmt == "tar":
             from webdataset import TarWriter
 
@@ -437,16 +462,12 @@ class ShardWriter:
         self.count += 1
         self.keys.append(key)
         self.lengths.append(len(seq))
-        if self.task == "lm" and label is not None:
+        if not self.task.has_labels and label is not None:
             self.doc_start.append(bool(label))
         if self.fmt == "tar":
-            sample = {"__key__": key, ("features.npy" if self.features else "tokens.npy"): _npy_bytes(seq)}
-            if self.task == "classify":
-                sample["cls"] = str(int(label)).encode()
-            elif self.task == "regress":
-                sample["target.npy"] = _npy_bytes(np.asarray(label, np.float32))
-            elif self.task == "tag":
-                sample["tags.npy"] = _npy_bytes(np.asarray(label, np.int32))
+            sample = {"__key__": key, ("features.npy" if self.features else "tokens.npy"): npy_bytes(seq)}
+            if self.task.has_labels:
+                sample[self.task.tar_label] = self.task.tar_label_bytes(label)
             self.writer.write(sample)
         else:
             self.pending.append((seq, label))
@@ -468,37 +489,34 @@ class ShardWriter:
             columns = {"features": pa.ListArray.from_arrays(pa.array(offsets), steps)}
         else:
             columns = {"tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.int32)))}
-        if self.task == "classify":
-            columns["label"] = pa.array(np.asarray(labels, np.int64))
-        elif self.task == "regress":
-            values = np.stack([np.asarray(v, np.float32) for v in labels])
-            columns["label"] = pa.array(values) if values.ndim == 1 else pa.ListArray.from_arrays(
-                pa.array(np.arange(0, values.size + 1, values.shape[1], dtype=np.int32)), pa.array(values.reshape(-1)))
-        elif self.task == "tag":
-            tags = pa.array(np.concatenate(labels).astype(np.int32))
-            columns["tags"] = pa.ListArray.from_arrays(pa.array(offsets), tags)
-        elif self.task == "lm" and labels[0] is not None:
+        if self.task.has_labels:
+            columns[self.task.label_column] = self.task.label_array(list(labels))
+        elif labels[0] is not None:
             columns[DOC_START_COLUMN] = pa.array(np.asarray(labels, bool))
         table = pa.table(columns)
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.file, table.schema)
         self.writer.write_table(table, row_group_size=len(seqs))
+        self.group_rows.append(len(seqs))
 
     def _close_shard(self) -> None:
         if self.file is None:
             return
         if self.pending:
             self._write_group()
+        if self.fmt != "tar":  # the index reads the row groups' length histograms from the footer
+            block = histogram_block(0, self.group_rows, np.asarray(self.lengths, np.int64))
+            self.writer.add_key_value_metadata({LENGTHS_KEY: encode_block(block, "features" if self.features
+                                                                          else "tokens")})
         self.writer.close()
         self.file.close()
         size = os.path.getsize(self.path)
         if self.fmt == "tar":
-            from distlstm.data.shards.tar import write_sidecar
 
             write_sidecar(self.path, self.keys, self.lengths, size,
                           extra={DOC_START_COLUMN: [int(f) for f in self.doc_start]} if self.doc_start else None)
         self.shards.append({"path": self.name, "num_samples": len(self.keys), "num_tokens": int(sum(self.lengths)),
-                            "bytes": size, "sha256": _sha256(self.path)})
+                            "bytes": size, "sha256": file_digest(self.path)[1]})
         self.file = self.writer = None
 
     def close(self) -> list[dict]:
@@ -519,12 +537,15 @@ def _write_manifest(directory: str, a, s: Survey, shards: list[dict]) -> Manifes
         num_classes=num_classes, input_size=s.input_size if features else None,
         num_samples=sum(x["num_samples"] for x in shards), num_tokens=sum(x["num_tokens"] for x in shards),
         vocab="../vocab.json" if s.itos else None, labels="../labels.json" if s.label_ids else None,
-        shards=[ShardInfo(**x) for x in shards], extra={"lm_layout": a.lm_layout} if a.task == "lm" else {})
+        shards=[ShardInfo(**x) for x in shards], extra={"lm_layout": a.lm_layout} if a.kind.predicts_tokens else {})
     manifest.write(directory)  # the manifest appears last: a commit marker
     return manifest
 
 
-def _prepare_out(a) -> None:
+def _check_out(a) -> None:
+    """Before reading the input: --out is a new folder, an empty one, or (--overwrite) a prep output."""
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        _fail(f"--out {a.out} is a file; give a folder (created if missing)")
     if os.path.isdir(a.out) and os.listdir(a.out):
         if not a.overwrite:
             _fail(f"output directory {a.out} is not empty; pass --overwrite to replace a previous prep output")
@@ -532,6 +553,11 @@ def _prepare_out(a) -> None:
         if foreign:
             _fail(f"--overwrite refused: {a.out} holds files prep did not write ({', '.join(foreign[:5])}); "
                   f"remove them yourself or choose another --out")
+
+
+def _prepare_out(a) -> None:
+    """After the input was read: clear a previous prep output (--overwrite), create --out."""
+    if os.path.isdir(a.out):
         for name in _OUTPUTS:
             path = os.path.join(a.out, name)
             shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
@@ -548,7 +574,7 @@ def _samples(a, s: Survey) -> Iterator[tuple[str, np.ndarray, Any, bool | None]]
     if a.input_kind == "text":
         docs = _text_documents(a.files, a.doc_per)
         def encode(lines: list[str]) -> np.ndarray:
-            return np.fromiter((stoi.get(t, 0) for line in lines for t in _tokenize(line, a.tokenizer)), np.int32)
+            return np.fromiter((stoi.get(t, 0) for line in lines for t in tokenize(line, a.tokenizer)), np.int32)
 
         records = ((where, encode(lines), None) for where, lines in docs)
         records = _merge_continued(records)
@@ -563,7 +589,7 @@ def _samples(a, s: Survey) -> Iterator[tuple[str, np.ndarray, Any, bool | None]]
         except ValueError as exc:
             yield where, exc, None, None
             continue
-        if a.task != "lm":
+        if not a.kind.predicts_tokens:
             yield where, array, value, None
             continue
         cut = len(array) - int(round(len(array) * a.valid_fraction)) if a.split == "tail" else len(array)
@@ -593,8 +619,12 @@ def _merge_continued(records):
 def run(a) -> dict[str, dict]:
     """Prep with parsed arguments; returns {split: manifest}."""
     _check_args(a)
-    _prepare_out(a)
+    _check_out(a)
     s = _survey(a)
+    if not s.records:
+        _fail(f"the input ({', '.join(a.files)}) holds no {'text' if a.input_kind == 'text' else 'records'}: "
+              f"nothing to prepare; give a file with some")
+    _prepare_out(a)
     if s.itos:
         with open(os.path.join(a.out, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump({"version": 1, "tokenizer": a.tokenizer, "unk_id": 0, "pad_id": 0, "tokens": s.itos}, f,
@@ -623,7 +653,7 @@ def run(a) -> dict[str, dict]:
         valid = forced if forced is not None else splitter.is_valid(index)
         index += forced is None
         split = "valid" if valid and "valid" in writers else "train"
-        if a.task == "lm" and label is not None:
+        if a.kind.predicts_tokens and label is not None:
             # A row continues a document only if this split's previous row is its previous piece
             # (a random split may have sent that one to the other split).
             document, piece = label
@@ -641,7 +671,14 @@ def run(a) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
+    try:
+        run(build_parser().parse_args(argv))
+    except PrepError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable input, unwritable --out, a full disk: one line, not a traceback
+        print(f"distlstm.prep: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -13,18 +13,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distlstm.data.sources import open_file
+from distlstm.data.shards.parquet_footer import column_names
+from distlstm.data.sources import is_local, local_path, open_file, redact
 
 
 @contextlib.contextmanager
 def _parquet_footer(url: str, storage_options: dict | None, retries: int):
     """A ParquetFile for its metadata and schema (a local path by name, anything else through fsspec)."""
-    local = url[len("file://"):] if url.startswith("file://") else url
-    if "://" not in local and not storage_options and os.path.isfile(local):
+    local = local_path(url)
+    if is_local(url, storage_options) and os.path.isfile(local):
         yield pq.ParquetFile(local)
         return
     with open_file(url, storage_options=storage_options, retries=retries) as f:
@@ -32,6 +34,9 @@ def _parquet_footer(url: str, storage_options: dict | None, retries: int):
 
 
 def parquet_column_names(url: str, *, storage_options: dict | None = None, retries: int = 3) -> list[str]:
+    local = local_path(url)
+    if is_local(url, storage_options) and os.path.isfile(local):
+        return column_names(local)  # the schema alone, not the row groups' metadata
     with _parquet_footer(url, storage_options, retries) as pf:
         return list(pf.schema_arrow.names)
 
@@ -68,6 +73,25 @@ def max_token_id(pf: pq.ParquetFile, column: str) -> int | None:
     return best
 
 
+UNKNOWN_MAX_ID = -2
+"""FooterFacts.max_id when the statistics cannot tell (a row group without them)."""
+
+
+@dataclass(frozen=True)
+class FooterFacts:
+    """What one shard's footer tells about the model's sizes, learned when the shard is indexed and
+    kept in its index cache entry, so that a warm start opens no footer for them (a parsed footer
+    is ~2.5 KB per row group, and what a process frees of it stays resident and is inherited by
+    its DataLoader workers)."""
+
+    max_id: int = UNKNOWN_MAX_ID   # largest token id (max_token_id), -1 = none, UNKNOWN_MAX_ID = cannot tell
+    feature_width: int = 0         # fixed_feature_width of the sequence column
+
+
+MAX_INFERRED_VOCAB = 1 << 24
+"""The largest vocabulary taken from column statistics (16.8 M ids; a larger one must be given)."""
+
+
 class DataDims:
     """The sizes of `indexes` (one or more DatasetIndex of the same dataset's splits), each read once
     on first use; 0 where the data does not tell (tar shards, missing statistics, plain lists)."""
@@ -80,29 +104,44 @@ class DataDims:
 
     def _parquet(self):
         for ix in self.indexes:
-            for url, fmt in zip(ix.shards, ix.formats):
-                yield ix, url, fmt == "parquet"
+            for s, (url, fmt) in enumerate(zip(ix.shards, ix.formats)):
+                yield ix, s, url, fmt == "parquet"
+
+    def _facts(self, ix, s: int, url: str) -> FooterFacts:
+        """Shard `s` of `ix`: from the index (learned when it was indexed), else from its footer."""
+        known = ix.footer_facts[s] if s < len(ix.footer_facts) else None
+        if known is not None:
+            return known
+        with _parquet_footer(url, ix.storage_options, ix.retries) as pf:
+            top = max_token_id(pf, ix.sequence_column)
+            return FooterFacts(max_id=UNKNOWN_MAX_ID if top is None else top,
+                               feature_width=fixed_feature_width(pf.schema_arrow.field(ix.sequence_column).type))
 
     @functools.cached_property
     def input_size(self) -> int:
-        for ix, url, parquet in self._parquet():
+        for ix, s, url, parquet in self._parquet():
             if not parquet:
                 return 0
-            with _parquet_footer(url, ix.storage_options, ix.retries) as pf:
-                return fixed_feature_width(pf.schema_arrow.field(ix.sequence_column).type)
+            return self._facts(ix, s, url).feature_width
         return 0
 
     @functools.cached_property
     def vocab_size(self) -> int:
-        """Largest token id + 1 over every shard of every index; 0 if any shard cannot tell."""
+        """Largest token id + 1 over every shard of every index; 0 if any shard cannot tell.
+        ValueError naming the shard when an id is beyond `MAX_INFERRED_VOCAB` (a stray id would
+        otherwise size an embedding of that many rows)."""
         largest = -1
-        for ix, url, parquet in self._parquet():
+        for ix, s, url, parquet in self._parquet():
             if not parquet:
                 return 0
-            with _parquet_footer(url, ix.storage_options, ix.retries) as pf:
-                found = max_token_id(pf, ix.sequence_column)
-            if found is None:
+            found = self._facts(ix, s, url).max_id
+            if found == UNKNOWN_MAX_ID:
                 return 0
+            if found >= MAX_INFERRED_VOCAB:
+                raise ValueError(f"{redact(url)}: column '{ix.sequence_column}' holds token id {found} (from the "
+                                 f"Parquet statistics), beyond the {MAX_INFERRED_VOCAB:,} ids a vocabulary "
+                                 f"inferred from the data may have; remap the ids to 0..V-1 (distlstm.prep does) or "
+                                 f"set --model.vocab_size")
             largest = max(largest, found)
         return largest + 1 if largest >= 0 else 0
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
+
+from distlstm.data.sources import basename, local_path, read_bytes, redact, url_protocol
 
 FILENAME = "manifest.json"
 VERSION = 1
@@ -56,26 +60,37 @@ class Manifest:
     """Keys this version does not know, kept as they are."""
     root: str = field(default="", compare=False)
     """The folder (path or URL) the manifest was read from; relative shard paths resolve against it."""
+    where: str = field(default=FILENAME, compare=False, repr=False)
+    """The manifest file itself, for messages."""
 
     # ---- reading
     @classmethod
     def from_dict(cls, data: Any, *, root: str = "", where: str = FILENAME) -> "Manifest":
-        from distlstm.data.sources import redact
         try:
             shards = [ShardInfo(**_known(ShardInfo, s)) for s in data["shards"]]
-            known = _known(cls, data, exclude=("shards", "extra", "root"))
+            known = _known(cls, data, exclude=("shards", "extra", "root", "where"))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{redact(where)}: not a distlstm manifest ({type(exc).__name__}: {exc}); "
                              f"expected {{'shards': [{{'path': ...}}, ...]}} as written by distlstm.prep") from None
         names = {f.name for f in dataclasses.fields(cls)}
         extra = {k: v for k, v in data.items() if k not in names}
-        return cls(shards=shards, **known, extra=extra, root=root)
+        if not all(isinstance(s.path, str) for s in shards) or not all(
+                isinstance(known.get(k), (str, type(None))) for k in ("vocab", "labels")):
+            raise ValueError(f"{redact(where)}: shard, vocab and labels paths must be strings; re-run distlstm.prep")
+        for i, shard in enumerate(shards):
+            _check_types(vars(shard), where, f"shards[{i}].")
+        _check_types(known, where, "")
+        manifest = cls(shards=shards, **known, extra=extra, root=root, where=where)
+        if root:  # every path it names is checked before any is used
+            manifest.shard_urls()
+            manifest.resource(manifest.vocab)
+            manifest.resource(manifest.labels)
+        return manifest
 
     @classmethod
     def read(cls, url: str, *, storage_options: dict | None = None, retries: int = 3) -> "Manifest":
         """The manifest at `url` (a local path or fsspec URL of a manifest.json file). FileNotFoundError
         if there is none; ValueError naming the file if it is not a manifest."""
-        from distlstm.data.sources import read_bytes, redact
         raw = read_bytes(url, storage_options=storage_options, retries=retries)
         try:
             data = json.loads(raw)
@@ -91,7 +106,7 @@ class Manifest:
         if "," in spec or any(c in spec for c in "*?{["):
             return None
         spec = spec.rstrip("/")
-        url = spec if spec.rsplit("/", 1)[-1] == FILENAME else f"{spec}/{FILENAME}"
+        url = spec if basename(spec) == FILENAME else f"{spec}/{FILENAME}"
         if "://" not in spec:
             if not os.path.isfile(url):
                 return None
@@ -99,19 +114,37 @@ class Manifest:
             return None
         try:
             return cls.read(url, storage_options=storage_options, retries=retries)
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:  # no manifest there; a timeout or HTTP 5xx is an error, not "no manifest"
             return None
 
     def shard_urls(self) -> list[str]:
-        """Every shard's path or URL, relative ones resolved against the manifest's folder."""
-        return [s.path if "://" in s.path or os.path.isabs(s.path) else f"{self.root.rstrip('/')}/{s.path}"
-                for s in self.shards]
+        """Every shard's path or URL, resolved against the manifest's folder and confined to it."""
+        return [self.locate(s.path, "shard", within=self.root) for s in self.shards]
 
     def resource(self, name: str | None) -> str | None:
-        """A file the manifest names (`vocab`, `labels`) as a path or URL, resolved like a shard."""
+        """A file the manifest names (`vocab`, `labels`) as a path or URL, resolved like a shard and
+        confined to the dataset folder (the split folder's parent, where prep writes vocab.json)."""
         if not name:
             return None
-        return name if "://" in name or os.path.isabs(name) else f"{self.root.rstrip('/')}/{name}"
+        return self.locate(name, "file", within=_parent(self.root))
+
+    def locate(self, name: str, what: str, *, within: str) -> str:
+        """`name` (relative to the manifest's folder, absolute, or a URL) resolved, and refused with a
+        ValueError unless it lies inside `within` with the same scheme and host: a manifest, which may
+        come from anyone, must not make a run read a local file or another server's."""
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise ValueError(f"{redact(self.where)}: {what} path {name!r} is not a path; expected a file name "
+                             f"relative to the manifest's folder")
+        root = self.root or "."
+        if "://" in name or os.path.isabs(name) or url_protocol(root) != "file" and name.startswith("/"):
+            target = name
+        else:
+            target = f"{root.rstrip('/')}/{name}"
+        if not _inside(target, within or "."):
+            raise ValueError(f"{redact(self.where)}: {what} path {redact(name)!r} resolves outside the dataset "
+                             f"({redact(within or '.')}); a manifest may only name files inside its own dataset "
+                             f"folder (paths relative to the manifest, no '..' out of it)")
+        return _normalized(target)
 
     def dims(self) -> dict[str, int]:
         """The model sizes the data decides (0 where the manifest does not say)."""
@@ -122,7 +155,7 @@ class Manifest:
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"version": self.version}
         for f in dataclasses.fields(self):
-            if f.name in ("version", "shards", "extra", "root"):
+            if f.name in ("version", "shards", "extra", "root", "where"):
                 continue
             out[f.name] = getattr(self, f.name)
         out.update(self.extra)
@@ -139,8 +172,57 @@ class Manifest:
         return path
 
 
+_TEXT = ("format", "task", "sequence_column", "label_column", "vocab", "labels", "path", "sha256")
+_COUNTS = ("version", "vocab_size", "num_classes", "input_size", "num_targets", "num_samples", "num_tokens", "bytes")
+
+
+def _check_types(values: dict, where: str, prefix: str) -> None:
+    """Every known key holds what it is for (a manifest may come from anyone): text, or a count that
+    is a non-negative integer; null for either means "not said"."""
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key in _TEXT and not isinstance(value, str):
+            raise ValueError(f"{redact(where)}: {prefix}{key} is {str(value)[:40]!r}, expected text; "
+                             f"re-run distlstm.prep or fix the manifest")
+        if key in _COUNTS and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{redact(where)}: {prefix}{key} is {str(value)[:40]!r}, expected a whole number >= 0; "
+                             f"re-run distlstm.prep or fix the manifest")
+
+
 def _known(cls: type, data: dict, exclude: tuple[str, ...] = ()) -> dict:
     if not isinstance(data, dict):
         raise TypeError(f"expected an object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
     return {k: v for k, v in data.items() if k in names}
+
+
+def _split(url: str) -> tuple[str, str, str]:
+    """(scheme, host, normalized absolute path) of a local path or URL."""
+    if url_protocol(url) == "file":
+        return "file", "", os.path.normpath(os.path.abspath(os.path.expanduser(local_path(url))))
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower(), posixpath.normpath("/" + parts.path.lstrip("/"))
+
+
+def _normalized(url: str) -> str:
+    if url_protocol(url) == "file":
+        return url  # callers normalise local paths themselves (expand_paths makes them absolute)
+    scheme, netloc, path = urllib.parse.urlsplit(url)[:3]
+    query = urllib.parse.urlsplit(url).query
+    return urllib.parse.urlunsplit((scheme, netloc, posixpath.normpath(path), query, ""))
+
+
+def _inside(target: str, within: str) -> bool:
+    t, w = _split(target), _split(within)
+    if t[:2] != w[:2]:
+        return False
+    sep = os.sep if t[0] == "file" else "/"
+    return t[2] == w[2] or t[2].startswith(w[2].rstrip(sep) + sep)
+
+
+def _parent(root: str) -> str:
+    if url_protocol(root) == "file":
+        return os.path.dirname(os.path.abspath(local_path(root or ".")))
+    scheme, netloc, path, query, _ = urllib.parse.urlsplit(root)
+    return urllib.parse.urlunsplit((scheme, netloc, posixpath.dirname(posixpath.normpath(path or "/")), "", ""))

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distlstm.data.sources import WHOLE_FILE_MAX_MB, coalesce, file_info, read_ranges, redact
+from distlstm.data.sources import WHOLE_FILE_MAX_MB, ReadOnlyFile, coalesce, file_info, read_ranges, redact
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +113,15 @@ def _pads_dictionary(metadata: pq.FileMetaData) -> bool:
     return version < (1, 2, 9)
 
 
-class _SparseFile:
+class _SparseFile(ReadOnlyFile):
     """A read-only file of `size` bytes of which only some ranges were fetched. Arrow reads the
     column chunks it was told about; a read anywhere else is fetched (and logged: it means the
     ranges computed from the footer missed something, which costs a request, never correctness)."""
 
     def __init__(self, source: Source, size: int, pieces: dict[tuple[int, int], bytes]):
+        super().__init__(source.url)
         self._source, self._size, self._pos = source, size, 0
         self._pieces = sorted((a, b, data) for (a, b), data in pieces.items())
-        self.closed = False
 
     def read(self, n: int = -1) -> bytes:
         start = self._pos
@@ -137,11 +137,6 @@ class _SparseFile:
         self._pos = end
         return data
 
-    def readinto(self, buffer) -> int:
-        data = self.read(len(memoryview(buffer)))
-        memoryview(buffer).cast("B")[:len(data)] = data
-        return len(data)
-
     def seek(self, offset: int, whence: int = 0) -> int:
         self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._size + offset
         return self._pos
@@ -152,17 +147,8 @@ class _SparseFile:
     def size(self) -> int:
         return self._size
 
-    def readable(self) -> bool:
-        return True
-
     def seekable(self) -> bool:
         return True
-
-    def writable(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class RemoteParquetFile:
@@ -180,6 +166,9 @@ class RemoteParquetFile:
         self.metadata = metadata if metadata is not None else _metadata(source)
         self.schema_arrow = self.metadata.schema.to_arrow_schema()
         self.num_row_groups = self.metadata.num_row_groups
+
+    def first_row(self, row_group: int) -> int:
+        return sum(self.metadata.row_group(i).num_rows for i in range(row_group))
 
     def _decode(self, row_group: int, columns: list[str], pieces: dict) -> pa.Table:
         sparse = _SparseFile(self.source, self.source.size, pieces)

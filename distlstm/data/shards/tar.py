@@ -372,3 +372,27 @@ def write_sidecar(shard_path: str, keys: list[str], lengths, shard_bytes: int, e
     with open(sidecar_url(shard_path), "w", encoding="utf-8") as f:
         json.dump({"version": 1, "keys": list(keys), "lengths": [int(n) for n in lengths],
                    "bytes": int(shard_bytes), **(extra or {})}, f, separators=(",", ":"))
+
+
+def read_sidecar_flags(shard: str, rows: int, column: str, *, storage_options: dict | None = None,
+                       retries: int = 3) -> np.ndarray | None:
+    """Per-sample flags `column` (lm: doc_start) from the shard's `.idx.json` sidecar (written by prep);
+    None where the shard has no sidecar or the sidecar no such flags."""
+    try:
+        side = json.loads(read_bytes(sidecar_url(shard), storage_options=storage_options,
+                                     retries=retries))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        # Not "every sample is a document": a sidecar that failed to download or parse would
+        # silently change where the state is reset.
+        raise BadSampleError(shard, "sidecar", f"{sidecar_url(shard).rsplit('/', 1)[-1]} cannot be read "
+                             f"({exc})", fix="check the connection, or re-create the shard and its .idx.json "
+                             "with distlstm.prep") from exc
+    if not isinstance(side, dict) or column not in side:
+        return None
+    flags = np.asarray(side[column], bool)
+    if len(flags) != rows:
+        raise BadSampleError(shard, "sidecar", f"'{column}' has {len(flags)} entries for {rows} samples",
+                             fix="re-create the shard and its .idx.json with distlstm.prep")
+    return flags

@@ -8,10 +8,8 @@ copied unreliably); ``none`` skips both.
 
 from __future__ import annotations
 
-import hashlib
-
 from distlstm.data.errors import BadSampleError
-from distlstm.data.sources import open_file, redact
+from distlstm.data.sources import file_digest, redact
 
 _FIX = "restore the shard, or re-run distlstm.prep to rebuild the dataset and its manifest.json"
 
@@ -34,15 +32,7 @@ def verify_shards(shards: list[str], entries: list, mode: str, *, infos: list[di
                                      "(the shard changed after prep)", fix=_FIX + " (or --data.verify none)")
         want_sha = getattr(entry, "sha256", None)
         if mode == "sha256" and want_sha:
-            got_sha = _sha256(url, storage_options, retries)
+            got_sha = file_digest(url, storage_options=storage_options, retries=retries)[1]
             if got_sha != want_sha:
                 raise BadSampleError(redact(url), "file", f"sha256 {got_sha[:16]}..., but manifest.json says "
                                      f"{want_sha[:16]}... (the shard changed after prep)", fix=_FIX)
-
-
-def _sha256(url: str, storage_options: dict | None, retries: int) -> str:
-    h = hashlib.sha256()
-    with open_file(url, storage_options=storage_options, retries=retries) as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
