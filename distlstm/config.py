@@ -1,6 +1,6 @@
 """Configuration: one small dataclass per component, a TOML file, dotted command-line overrides.
 
-    python -m distlstm.train --config configs/x.toml --optim.lr 3e-3 --model.hidden_size 512
+    python -m distlstm.train --config configs/shakespeare-char.toml --optim.lr 3e-3 --model.hidden_size 512
 
 The dataclass defaults *are* the embedded default run (`configs/default.toml` spells them out).
 Unknown sections or keys, wrong types and impossible values raise `ConfigError` naming the key.
@@ -8,6 +8,7 @@ Unknown sections or keys, wrong types and impossible values raise `ConfigError` 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -70,7 +71,7 @@ def _metric_name(key: str, value: str) -> None:
                           "(valid_accuracy for classify/tag, valid_perplexity for lm, valid_mse for regress)")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class DataConfig:
     """Where the samples come from and how they are batched."""
 
@@ -102,7 +103,12 @@ class DataConfig:
     on_bad_sample: str = opt("error", "a corrupt or invalid sample: stop with its shard and row, or skip it "
                                       "(counted, quarantined in the run directory)", ("error", "skip"))
     cache_dir: str = opt("", "where indexes and the synthetic dataset are cached; empty = ~/.cache/distlstm")
-    retries: int = opt(3, "tries for a remote read before giving up")
+    retries: int = opt(3, "retries of a remote read after its first attempt (connection error, timeout, HTTP "
+                          "5xx / 429), with exponential back-off; 0 = one attempt")
+    connect_timeout_s: float = opt(10.0, "seconds to open a connection to a remote server before the attempt "
+                                         "fails (and is retried)")
+    read_timeout_s: float = opt(30.0, "seconds a remote server may send nothing (no headers, or a stalled "
+                                      "body) before the attempt fails (and is retried)")
     storage_options: dict = opt({}, "fsspec storage options for remote URLs (credentials are never logged)")
     synthetic_samples: int = opt(12000, "size of the embedded synthetic training set (when data.train is empty)")
     shape_buckets: IntOrAuto = opt(AUTO, "bounded batch shapes: at most N distinct (batch size, padded length) "
@@ -130,15 +136,22 @@ class DataConfig:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
         _positive("data", self, "max_tokens", "min_batch_size", "max_length", "window_chunks", "prefetch_factor",
-                  "streams", "retries", "synthetic_samples", "whole_shard_max_mb",
+                  "streams", "synthetic_samples", "whole_shard_max_mb", "connect_timeout_s", "read_timeout_s",
                   "bptt", "batch_size")
-        _positive("data", self, "max_batch_size", "num_workers", "shape_buckets", allow_zero=True)
+        _positive("data", self, "max_batch_size", "num_workers", "shape_buckets", "retries", allow_zero=True)
         if self.max_batch_size and self.max_batch_size < self.min_batch_size:
             raise ConfigError(f"data.max_batch_size={self.max_batch_size} is below "
                               f"data.min_batch_size={self.min_batch_size}")
 
+    def host_defaults(self) -> "DataConfig":
+        """This section with the device-dependent "auto"s that nothing resolved for a GPU
+        (distlstm/run/autotune.py) given their host meaning: data.max_tokens 8192, exact shapes
+        (data.shape_buckets 0). data.streams=auto stays: the loader resolves it from the chunk count."""
+        return dataclasses.replace(self, max_tokens=CPU_MAX_TOKENS if self.max_tokens == AUTO else self.max_tokens,
+                                   shape_buckets=0 if self.shape_buckets == AUTO else self.shape_buckets)
 
-@dataclass(kw_only=True)
+
+@dataclass(kw_only=True, frozen=True)
 class ModelConfig:
     """The LSTM encoder and its task head."""
 
@@ -167,7 +180,7 @@ class ModelConfig:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class OptimConfig:
     """The optimizer (AdamW by default; Adam or SGD) with linear warmup, then cosine, constant or plateau."""
 
@@ -216,14 +229,15 @@ class OptimConfig:
                               f"--optim.weight_decay 0 (the classic recipe) or below {0.01 / self.lr:.2g}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class TrainConfig:
     """The loop: length, accumulation, precision, devices, evaluation."""
 
     max_steps: int = opt(200, "optimizer steps to run; 0 = until train.max_epochs")
     max_epochs: int = opt(0, "epochs to run; 0 = until train.max_steps")
     accum_steps: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
-    precision: str = opt("fp32", "fp32, bf16 autocast, or fp16 autocast with a GradScaler",
+    precision: str = opt("fp32", "fp32, bf16 (the LSTM in bf16, the rest under bf16 autocast; fp32 master "
+                                 "weights), or fp16 autocast with a GradScaler",
                          ("fp32", "bf16", "fp16"))
     device: str = opt("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
     backend: str = opt("auto", "process-group backend; auto = nccl on cuda, gloo on cpu", ("auto", "gloo", "nccl"))
@@ -242,6 +256,10 @@ class TrainConfig:
                            ("auto", "on", "off"))
     cuda_graph_limit: int = opt(128, "most CUDA graphs captured (one per micro-batch shape and role); steps of "
                                      "other shapes run eagerly")
+    ddp: str = opt("auto", "wrap the model in DistributedDataParallel: auto = when there is more than one rank; "
+                           "on = also in one process (a process group of one, backend train.backend): the "
+                           "multi-rank path, DDP's hooks and its CUDA-graph warm-up included, on one GPU",
+                   ("auto", "on"))
     ddp_bucket_mb: float = opt(25.0, "DDP gradient bucket size in MB (each bucket is one all-reduce, started "
                                      "as soon as its gradients are ready)")
     ddp_grad_as_bucket_view: bool = opt(True, "DDP gradients as views into the all-reduce buckets (saves a copy "
@@ -266,7 +284,7 @@ class TrainConfig:
             raise ConfigError("train.max_steps and train.max_epochs are both 0; set one of them")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class CheckpointConfig:
     """When checkpoints are written, how many are kept, and where a run resumes from."""
 
@@ -289,7 +307,7 @@ class CheckpointConfig:
             _metric_name("checkpoint.keep_best", self.keep_best)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class LogConfig:
     """What is reported and where."""
 
@@ -309,7 +327,7 @@ class LogConfig:
                 raise ConfigError(f"log.backends: {name!r} is not one of {', '.join(LOG_BACKENDS)}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Config:
     """Everything one run needs."""
 
@@ -415,18 +433,43 @@ def _build(values: dict[str, dict[str, Any]]) -> Config:
     return Config(**sections)
 
 
+OVERRIDES_HELP = ("Any --SECTION.KEY VALUE option overrides the run's saved config, e.g. --data.valid, "
+                  "--data.max_tokens, --train.device cpu, --train.precision (python -m distlstm.train --help "
+                  "lists them all).")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(a command's own arguments, the `--section.key value` overrides): the dotted options are taken
+    out first, so their values are never mistaken for the command's positional arguments. A dotted
+    option takes the next argument as its value unless that is an option itself (a bare boolean)."""
+    own, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[2:].split("=", 1)[0]
+        if arg.startswith("--") and "." in name:
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                overrides.append(argv[i + 1])
+                i += 1
+        else:
+            own.append(arg)
+        i += 1
+    return own, overrides
+
+
 def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     """`--section.key value`, `--section.key=value`, or a bare `--section.flag` meaning true."""
+    own, dotted = split_overrides(args)
+    if own:
+        raise ConfigError(f"unexpected argument {own[0]!r}; options look like --optim.lr 3e-3 (see --help)")
     raw: dict[str, dict[str, Any]] = {}
     i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg:
-            raise ConfigError(f"unexpected argument {arg!r}; options look like --optim.lr 3e-3 (see --help)")
-        name, eq, value = arg[2:].partition("=")
+    while i < len(dotted):
+        name, eq, value = dotted[i][2:].partition("=")
         if not eq:
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                value = args[i + 1]
+            if i + 1 < len(dotted) and not dotted[i + 1].startswith("--"):
+                value = dotted[i + 1]
                 i += 1
             else:
                 value = "true"
@@ -436,8 +479,45 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file, then the overrides; validated as a whole."""
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line of an after-training command: the run (or checkpoint or exported folder),
+    the command's own flags, and `--section.key value` overrides (taken out by `split_overrides`)."""
+    p = argparse.ArgumentParser(prog=f"python -m distlstm.{prog}", description=description, epilog=OVERRIDES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="the training run directory (or, for generate/export, a checkpoint or "
+                               "exported folder)")
+    return p
+
+
+RECIPE_KEYS = {"optim": ("name", "lr")}
+"""Keys that choose a section's recipe: a user who sets one of them brings their own, so a task's
+defaults for that section (`task_defaults`) do not apply (SGD's lr 20 must not meet Adam, nor an
+Adam lr 1e-2 the task's SGD)."""
+
+
+def _with_task_defaults(values: dict[str, dict[str, Any]], task_defaults) -> None:
+    """Fill the keys the user left unset with the task's defaults ({section: {key: value}})."""
+    task = values.get("model", {}).get("task", ModelConfig().task)
+    if task_defaults is None or task not in _field_choices(ModelConfig, "task"):
+        return  # an unknown task: ModelConfig names it
+    for section, defaults in task_defaults(task).items():
+        given = values.get(section, {})
+        if any(key in given for key in RECIPE_KEYS.get(section, ())):
+            continue
+        for key, value in defaults.items():
+            given.setdefault(key, value)
+        values[section] = given
+
+
+def _field_choices(cls: type, name: str) -> tuple[str, ...]:
+    return next(f.metadata["choices"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                task_defaults=None) -> Config:
+    """Defaults, then the TOML file, then the overrides; validated as a whole. `task_defaults(task)`
+    (`distlstm.tasks.Task.config_defaults` through the commands) gives per-task values for the keys
+    neither the file nor the overrides set."""
     values: dict[str, dict[str, Any]] = {}
     if path is not None:
         path = Path(path)
@@ -452,6 +532,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except ConfigError as exc:
             raise ConfigError(f"config file {path}: {exc}") from exc
     _apply(parse_overrides(overrides or []), from_cli=True, base=values)
+    _with_task_defaults(values, task_defaults)
     try:
         return _build(values)
     except ConfigError as exc:
@@ -511,3 +592,57 @@ def help_text() -> str:
             out.append(f"  --{section}.{f.name} = {default}{extra}\n      {f.metadata.get('doc', '')}")
         out.append("")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+REFERENCE_HEADER = """# Configuration reference
+
+Generated from `distlstm/config.py` by `python -m distlstm.config > docs/config.md`; do not
+edit by hand (`tests/test_config.py` checks that this page matches the code).
+
+Every key can be set in a TOML file (`--config FILE.toml`, a `[section]` table per section) or on
+the command line (`--section.key value`, which wins over the file). `configs/default.toml` lists
+every key with its default. The after-training commands (`evaluate`, `predict`) take the same
+`--section.key value` options to override the run's saved config.
+
+The defaults below are the generic ones. `model.task = "lm"` starts from its own recipe for the keys
+it names (`LanguageModel.config_defaults` in `distlstm/tasks.py`, printed by `python -m
+distlstm.train --help`); a value given in the file or on the command line wins, and giving
+`optim.name` or `optim.lr` keeps the generic `[optim]` defaults.
+"""
+
+
+def _type_name(kind) -> str:
+    """int, str, ...; a union such as IntOrAuto as `int or "auto"`."""
+    if typing.get_origin(kind) is typing.Literal:
+        return " or ".join(f'"{a}"' for a in typing.get_args(kind))
+    args = typing.get_args(kind)
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return kind.__name__
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every section and key with its type, default, allowed values and doc line
+    (`python -m distlstm.config > docs/config.md`; tests/test_config.py checks the committed page)."""
+    out = [REFERENCE_HEADER]
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        out.append(f"## [{section}]\n\n{cls.__doc__.strip()}\n")
+        out.append("| key | type | default | meaning |")
+        out.append("|---|---|---|---|")
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            doc = f.metadata.get("doc", "").replace("|", "\\|")
+            choices = f.metadata.get("choices")
+            if choices:
+                doc += " (one of: " + ", ".join(f"`{c}`" for c in choices) + ")"
+            default = _toml_value(getattr(defaults, f.name)).replace("|", "\\|")
+            out.append(f"| `{section}.{f.name}` | {_type_name(hints[f.name])} | `{default}` | {doc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown())

@@ -20,21 +20,24 @@ import json
 import sys
 from pathlib import Path
 
-from distlstm.checkpoint.artifacts import run_config
-from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser, session, split_overrides
+from distlstm.checkpoint.artifacts import CHECKPOINT_HELP, load_weights, run_config
+from distlstm.config import command_parser, split_overrides
+from distlstm.data.sources import basename, redact
+from distlstm.distributed.session import run_command, session
+from distlstm.run.build import build_run
+from distlstm.run.trainer import evaluate_model
 
 
 def split_name(spec: str) -> str:
     """A short name for a data spec: its last path component without suffix ('valid', 'test')."""
-    from distlstm.data.sources import redact
-    last = redact(spec).split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "data"
+    last = basename(redact(spec)) or "data"
     if last == "manifest.json":
         last = redact(spec).split("?")[0].rstrip("/").rsplit("/", 2)[-2]
     return last.split(".")[0].replace(",", "_") or "data"
 
 
 def run(argv: list[str]) -> int:
-    p = parser("evaluate", __doc__)
+    p = command_parser("evaluate", __doc__)
     p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--name", default=None, help="result name: eval-NAME.json (default: <split>-<checkpoint>)")
     p.add_argument("--out", default=None, help="folder for eval-NAME.json (default: the run directory)")
@@ -42,8 +45,6 @@ def run(argv: list[str]) -> int:
     args = p.parse_args(own)
     run_dir = Path(args.run)
     cfg = run_config(run_dir, overrides)
-    from distlstm.run.build import build_run
-    from distlstm.run.trainer import evaluate_model
     with session(cfg) as s:
         # run_dir=None: the loader would otherwise write skipped samples into the run's quarantine/.
         built = build_run(cfg, s.world, s.device, group=s.group, log=s.log, run_dir=None, training=False)
@@ -54,7 +55,6 @@ def run(argv: list[str]) -> int:
                                 max_batches=cfg.train.eval_max_batches)
         spec = cfg.data.valid or "valid"
         name = args.name or f"{split_name(spec)}-{loaded['checkpoint']}"
-        from distlstm.data.sources import redact
         record = {**values, "step": loaded["step"], "checkpoint": loaded["checkpoint"], "data": redact(spec),
                   "world_size": s.world.world_size, "eval_max_batches": cfg.train.eval_max_batches}
         if s.world.is_leader:
@@ -68,7 +68,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return main_wrapper(run, argv)
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ import sys
 
 import torch
 
-from distlstm.commands import CHECKPOINT_HELP, main_wrapper, parser
+from distlstm.checkpoint.artifacts import CHECKPOINT_HELP, load
+from distlstm.config import command_parser
+from distlstm.distributed.session import run_command
+from distlstm.tasks import get_task
 
 
 @torch.no_grad()
@@ -54,7 +57,7 @@ def generate(model, prompt_ids: list[int], *, max_tokens: int, temperature: floa
 
 
 def run(argv: list[str]) -> int:
-    p = parser("generate", __doc__)
+    p = command_parser("generate", __doc__)
     p.add_argument("--prompt", required=True, help="text to continue (encoded with the run's vocab.json)")
     p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1.0)")
@@ -68,10 +71,8 @@ def run(argv: list[str]) -> int:
             raise ValueError(f"{flag}={value} must be >= 0")
     if args.temperature < 0:
         raise ValueError(f"--temperature={args.temperature} must be >= 0 (0 = greedy)")
-    from distlstm.checkpoint.artifacts import load
-    model, vocab, cfg = load(args.run, checkpoint=None if args.checkpoint in (None, "final") else args.checkpoint,
-                             device=args.device)
-    if cfg.model.task != "lm":
+    model, vocab, cfg = load(args.run, checkpoint=args.checkpoint, device=args.device)
+    if not get_task(cfg.model.task).predicts_tokens:
         raise ValueError(f"{args.run} is a model.task={cfg.model.task!r} run; generate needs a language model "
                          f"(model.task=lm)")
     if vocab is None:
@@ -87,7 +88,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return main_wrapper(run, argv)
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -29,48 +29,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distlstm.checkpoint.artifacts import run_config
-from distlstm.commands import CHECKPOINT_HELP, load_weights, main_wrapper, parser, session, split_overrides
-from distlstm.tasks import IGNORE_INDEX, Task
-
-
-def unlabelled(task: Task) -> Task:
-    """`task` for data without labels: no label checks, placeholder targets, and for lm the whole
-    sequence as input (training drops the last token because it has no next token to predict)."""
-    base = type(task)
-
-    class Unlabelled(base):
-        # No labels are read: `run` clears the index's label column (Parquet column and tar member).
-        min_length = 1
-
-        def check_labels(self, labels, offsets, num_classes):
-            return []
-
-        def batch_arrays(self, inputs, lengths, labels, *, pos, starts, mask):
-            if base.per_step:
-                return inputs, lengths, np.full(mask.shape, IGNORE_INDEX, np.int64)
-            # The dtype the loader's dummy rows (bounded shapes) append to: float (NaN) for regression.
-            dtype = np.float32 if isinstance(base.no_target, float) else np.int64
-            return inputs, lengths, np.full(len(pos), base.no_target, dtype)
-
-    Unlabelled.__name__ = f"Unlabelled{base.__name__}"
-    return Unlabelled()
-
-
-def predictions(task: Task, outputs: torch.Tensor, lengths: torch.Tensor) -> dict[str, list]:
-    """Per-sample prediction columns from a batch's model outputs (float32 on the host)."""
-    out = outputs.float().cpu()
-    if task.name == "classify":
-        probs = torch.softmax(out, dim=-1)
-        return {"prediction": probs.argmax(-1).tolist(), "probabilities": probs.tolist()}
-    if task.name == "regress":
-        return {"prediction": out.tolist()}
-    best = out.argmax(-1)
-    return {"prediction": [row[:n].tolist() for row, n in zip(best, lengths.tolist())]}
+from distlstm.checkpoint.artifacts import CHECKPOINT_HELP, load_weights, run_config
+from distlstm.config import command_parser, split_overrides
+from distlstm.data.sources import basename, redact
+from distlstm.distributed.session import run_command, session
+from distlstm.run.build import build_run
+from distlstm.tasks import Task
 
 
 def run(argv: list[str]) -> int:
-    p = parser("predict", __doc__)
+    p = command_parser("predict", __doc__)
     p.add_argument("--data", required=True, help="the samples to predict: a prepared folder, files, globs, "
                                                  "brace ranges or URLs, as data.train takes")
     p.add_argument("--out", required=True, help="folder for predictions-rank<R>.parquet (created)")
@@ -85,22 +53,16 @@ def run(argv: list[str]) -> int:
     # input out as a stream of data.batch_size rows, which predict never reads).
     cfg = run_config(run_dir, ["--data.too_long", "truncate"] + overrides +
                      ["--data.valid", args.data, "--data.lm_mode", "windows"])
-    from distlstm.run.build import build_run
-    from distlstm.data.loader.batch_loader import build_loader
     with session(cfg) as s:
-        built = build_run(cfg, s.world, s.device, group=s.group, log=s.log, run_dir=None, training=False)
+        built = build_run(cfg, s.world, s.device, group=s.group, log=s.log, run_dir=None, training=False,
+                          labelled=False)
         loaded = load_weights(built.model, run_dir, args.checkpoint)
-        index, task, m = built.valid_index, built.task, built.cfg.model
-        index.label_column = None
-        loader = build_loader(index, cfg.data, task=unlabelled(task), dp_rank=s.world.rank,
-                              dp_world_size=s.world.world_size, vocab_size=m.vocab_size, num_classes=m.num_classes,
-                              pin_memory=False, run_dir=None, shuffle=False, max_epochs=1, num_workers=0)
-        columns = _predict(built.model, loader, task, index, built.amp, s.device)
+        index, task = built.valid_index, built.task
+        columns = _predict(built.model, built.valid_loader, task, index, built.amp, s.device)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"predictions-rank{s.world.rank:05d}.parquet"
         pq.write_table(pa.table(columns), path)  # one file per rank: no cross-rank traffic
         if s.world.is_leader:
-            from distlstm.data.sources import redact
             (out / "predict.json").write_text(json.dumps({
                 "run": str(run_dir), "data": redact(args.data), "checkpoint": loaded["checkpoint"],
                 "step": loaded["step"], "task": task.name, "world_size": s.world.world_size,
@@ -119,31 +81,28 @@ def _predict(model, loader, task: Task, index, amp, device) -> dict[str, list]:
             continue  # a filler (a repeat of a real batch, so every rank has the same count) or a stand-in
         dev = batch.to(device)
         with amp.autocast():
-            outputs = model(dev.inputs, dev.lengths, lengths_cpu=batch.lengths)
+            outputs = model(dev.inputs, dev.lengths, lengths_cpu=dev.cpu_lengths)
         real = batch.sample_ids >= 0  # dummy rows (id -1) only fill a bounded batch shape
-        lengths = batch.lengths[real]
+        lengths = dev.cpu_lengths[real]
         cols["sample_id"] += batch.sample_ids[real].tolist()
         cols["length"] += lengths.tolist()
-        for key, values in predictions(task, outputs[real.to(outputs.device)], lengths).items():
+        for key, values in task.predictions(outputs[real.to(outputs.device)], lengths).items():
             cols.setdefault(key, []).extend(values)
     ids = np.asarray(cols["sample_id"], np.int64)
     chunk = np.searchsorted(index.chunk_offsets, ids, side="right") - 1
     shard = index.chunk_shard[chunk] if len(ids) else np.zeros(0, np.int64)
     first = index.chunk_offsets[np.searchsorted(index.chunk_shard, shard)]
-    names = [s.split("?")[0].rstrip("/").rsplit("/", 1)[-1] for s in index.shards]
-    f32, i64 = pa.float32(), pa.int64()
-    kinds = {"classify": i64, "regress": f32 if getattr(model, "num_targets", 1) == 1 else pa.list_(f32)}
-    types = {"prediction": kinds.get(task.name, pa.list_(i64)), "probabilities": pa.list_(f32)}
+    names = [basename(s) for s in index.shards]
+    i64 = pa.int64()
     table = {"sample_id": pa.array(ids, i64), "shard": pa.array([names[i] for i in shard.tolist()], pa.string()),
              "row": pa.array(ids - first, i64), "length": pa.array(cols["length"], i64)}
-    for key in ("prediction", "probabilities"):
-        if key in cols or (key == "probabilities" and task.name == "classify") or key == "prediction":
-            table[key] = pa.array(cols.get(key, []), types[key])
+    for key, kind in task.prediction_types(getattr(model, "num_targets", 1)).items():
+        table[key] = pa.array(cols.get(key, []), kind)
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
-    return main_wrapper(run, argv)
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

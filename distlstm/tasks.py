@@ -11,16 +11,18 @@ checks), the trainer the torch half (loss, metrics, summary).
 
 from __future__ import annotations
 
+import io
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from distlstm.data.batch import Batch
+if TYPE_CHECKING:  # a data type; tasks.py sits below the data package and imports none of it
+    Batch = Any
 
 IGNORE_INDEX = -100  # target value for positions that carry no loss (batch contract)
 
@@ -50,11 +52,25 @@ class Task:
     """Target of a row that carries no loss (a bounded-shape dummy row, docs/design.md)."""
     streams: ClassVar[bool] = False
     """Can train on one contiguous token stream, the LSTM state carried across chunks (data.lm_mode)."""
+    named_labels: ClassVar[bool] = False
+    """Labels may be names (strings) that prep maps to class ids (labels.json)."""
+    config_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Config values this task's runs start from instead of the generic defaults, {section: {key:
+    value}}, for the keys the user leaves unset (`distlstm.config.load_config`; setting optim.name or
+    optim.lr brings one's own optimizer recipe and keeps the generic [optim] defaults)."""
+
+    @property
+    def has_labels(self) -> bool:
+        """The samples carry a label besides their sequence (lm: the targets are the tokens)."""
+        return self.label_column is not None
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})"
 
     # ---- model
+    output_size_key: ClassVar[str] = "model.num_classes"
+    """The config key that sets `output_size` (for messages)."""
+
     def output_size(self, *, vocab_size: int, num_classes: int, num_targets: int) -> int:
         raise NotImplementedError
 
@@ -86,6 +102,38 @@ class Task:
         """Targets of the one-sample, zero-weight stand-in batch (every sample of a batch was bad)."""
         return torch.zeros(1, dtype=torch.int64)
 
+    # ---- preparing data (distlstm.prep)
+    def label_values(self, label: Any) -> list:
+        """The label values of one record (a tag list's tags), for prep's survey of names and ids."""
+        return [label]
+
+    def parse_label(self, label: Any, *, length: int, names: dict[str, int] | None) -> Any:
+        """A record's label as prep writes it; ValueError (or TypeError, KeyError) says what is wrong."""
+        raise NotImplementedError
+
+    def label_array(self, labels: list) -> pa.Array:
+        """The Parquet label column of a row group's parsed labels."""
+        raise NotImplementedError
+
+    def tar_label_bytes(self, label: Any) -> bytes:
+        """The tar member (suffix `tar_label`) holding a sample's parsed label."""
+        raise NotImplementedError
+
+    # ---- predictions (distlstm.predict)
+    def predictions(self, outputs: Tensor, lengths: Tensor) -> dict[str, list]:
+        """Per-sample prediction columns from a batch's outputs: the most likely class per step."""
+        best = outputs.float().cpu().argmax(-1)
+        return {"prediction": [row[:n].tolist() for row, n in zip(best, lengths.tolist())]}
+
+    def prediction_types(self, num_targets: int) -> dict[str, pa.DataType]:
+        return {"prediction": pa.list_(pa.int64())}
+
+    def unlabelled(self) -> "Task":
+        """This task for data without labels (predict): no label checks, placeholder targets, and
+        for lm the whole sequence as input (training drops the last token, which has no next token
+        to predict)."""
+        return _UNLABELLED[self.name]
+
     # ---- training (torch)
     def item_count(self, batch: "Batch") -> int:
         """What the loss is averaged over: samples, or real tokens with a target. Host-side: the
@@ -114,7 +162,7 @@ def _float(outputs: Tensor) -> Tensor:
     return outputs.to(torch.promote_types(outputs.dtype, torch.float32))
 
 
-def _per_sample_any(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def per_sample_any(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Per-sample OR of per-step `flags` (samples may be empty)."""
     lens = np.diff(offsets)
     out = np.zeros(len(lens), bool)
@@ -124,10 +172,23 @@ def _per_sample_any(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return out
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as the bytes of a .npy file (no pickle)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _class_id(value: Any, names: dict[str, int] | None) -> int:
+    """A class id: a name through `names` (labels.json), else an integer."""
+    return names[value] if isinstance(value, str) and names is not None else int(value)
+
+
 class Classify(Task):
     name = "classify"
     tar_label = "cls"
     needs_classes = True
+    named_labels = True
     metric = "accuracy"
     metric_sum = "correct"
     higher_is_better = True
@@ -159,6 +220,25 @@ class Classify(Task):
         n = max(count, 1.0)
         return {"loss": loss_sum / n, "accuracy": metric_sum / n}
 
+    def parse_label(self, label, *, length, names):
+        value = _class_id(label, names)
+        if value < 0:
+            raise ValueError("class ids must be >= 0")
+        return value
+
+    def label_array(self, labels):
+        return pa.array(np.asarray(labels, np.int64))
+
+    def tar_label_bytes(self, label):
+        return str(int(label)).encode()
+
+    def predictions(self, outputs, lengths):
+        probs = torch.softmax(outputs.float().cpu(), dim=-1)
+        return {"prediction": probs.argmax(-1).tolist(), "probabilities": probs.tolist()}
+
+    def prediction_types(self, num_targets):
+        return {"prediction": pa.int64(), "probabilities": pa.list_(pa.float32())}
+
 
 class Regress(Task):
     name = "regress"
@@ -166,6 +246,33 @@ class Regress(Task):
     metric = "mse"
     metric_sum = "sq_err"
     no_target = math.nan
+
+    def label_values(self, label):
+        return []  # numbers, not names or class ids
+
+    def parse_label(self, label, *, length, names):
+        value = np.asarray(float(label) if isinstance(label, str) else label, np.float32)
+        if value.ndim > 1 or not np.isfinite(value).all():
+            raise ValueError("expected a finite float or list of floats")
+        return value
+
+    def label_array(self, labels):
+        values = np.stack([np.asarray(v, np.float32) for v in labels])
+        if values.ndim == 1:
+            return pa.array(values)
+        return pa.ListArray.from_arrays(pa.array(np.arange(0, values.size + 1, values.shape[1], dtype=np.int32)),
+                                        pa.array(values.reshape(-1)))
+
+    def tar_label_bytes(self, label):
+        return npy_bytes(np.asarray(label, np.float32))
+
+    def predictions(self, outputs, lengths):
+        return {"prediction": outputs.float().cpu().tolist()}
+
+    def prediction_types(self, num_targets):
+        return {"prediction": pa.float32() if num_targets == 1 else pa.list_(pa.float32())}
+
+    output_size_key = "model.num_targets"
 
     def output_size(self, *, vocab_size, num_classes, num_targets):
         return num_targets
@@ -242,6 +349,7 @@ class Tag(_PerStep):
     label_column = "tags"
     tar_label = "tags.npy"
     needs_classes = True
+    named_labels = True
     metric = "accuracy"
     metric_sum = "correct"
     higher_is_better = True
@@ -254,13 +362,30 @@ class Tag(_PerStep):
     def check_labels(self, labels, offsets, num_classes):
         found = super().check_labels(labels, offsets, num_classes)
         if labels is not None and num_classes and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            found.append((_per_sample_any((labels < 0) | (labels >= num_classes), offsets),
+            found.append((per_sample_any((labels < 0) | (labels >= num_classes), offsets),
                           f"tag outside [0, {num_classes}) (model.num_classes)"))
         return found
 
     def targets(self, labels, pos, starts, mask):
         T = mask.shape[1]
         return np.where(mask, labels[starts[:, None] + np.arange(T)], IGNORE_INDEX).astype(np.int64)
+
+    def label_values(self, label):
+        return label if isinstance(label, list) else [label]
+
+    def parse_label(self, label, *, length, names):
+        tags = np.asarray([_class_id(v, names) for v in label], np.int32)[:length]
+        if len(tags) != length or (tags < 0).any():
+            raise ValueError(f"expected {length} non-negative tags, one per step")
+        return tags
+
+    def label_array(self, labels):
+        offsets = np.zeros(len(labels) + 1, np.int32)
+        np.cumsum([len(t) for t in labels], out=offsets[1:])
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(labels).astype(np.int32)))
+
+    def tar_label_bytes(self, label):
+        return npy_bytes(np.asarray(label, np.int32))
 
     def loss_and_metrics(self, outputs, targets, lengths):
         loss, count, logits, masked_targets, real = self._masked(outputs, targets, lengths)
@@ -277,6 +402,16 @@ class LanguageModel(_PerStep):
     metric = "perplexity"
     predicts_tokens = True
     streams = True
+    output_size_key = "model.vocab_size"
+    # The classic LSTM LM recipe (Zaremba et al. 2014; pytorch/examples word_language_model) with a
+    # cosine decay, which needs no validation split (plateau does). On tiny Shakespeare words it is
+    # within 10% of the plateau recipe at equal tokens, where the generic AdamW defaults are 2.4x
+    # worse (docs/benchmarks.md, bench/lm_quality.py run "e").
+    config_defaults = {
+        "optim": {"name": "sgd", "lr": 20.0, "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 0.25,
+                  "schedule": "cosine"},
+        "model": {"dropout": 0.2, "embed_dropout": 0.2},
+    }
 
     def output_size(self, *, vocab_size, num_classes, num_targets):
         return vocab_size
@@ -309,6 +444,27 @@ class LanguageModel(_PerStep):
 
 
 TASKS: dict[str, Task] = {t.name: t() for t in (Classify, Regress, Tag, LanguageModel)}
+
+
+class _Unlabelled:
+    """Mixed in before a task's class by `Task.unlabelled` (see there). No labels are read: the
+    index of an unlabelled split has no label column (Parquet column and tar member)."""
+
+    min_length = 1
+
+    def check_labels(self, labels, offsets, num_classes):
+        return []
+
+    def batch_arrays(self, inputs, lengths, labels, *, pos, starts, mask):
+        if self.per_step:
+            return inputs, lengths, np.full(mask.shape, IGNORE_INDEX, np.int64)
+        # The dtype the loader's dummy rows (bounded shapes) append to: float (NaN) for regression.
+        dtype = np.float32 if isinstance(self.no_target, float) else np.int64
+        return inputs, lengths, np.full(len(pos), self.no_target, dtype)
+
+
+_UNLABELLED: dict[str, Task] = {name: type(f"Unlabelled{type(t).__name__}", (_Unlabelled, type(t)), {})()
+                                for name, t in TASKS.items()}
 
 
 def get_task(task: "str | Task") -> Task:

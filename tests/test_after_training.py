@@ -194,10 +194,10 @@ def test_predict_reads_data_without_labels(classify_run, tmp_path, fmt):
         pq.write_table(pa.table({"tokens": pa.array(rows, pa.list_(pa.int32()))}), data / "new.parquet")
     else:
         from webdataset import TarWriter
-        from distlstm.data.prep.prep import _npy_bytes
+        from distlstm.tasks import npy_bytes
         with TarWriter(str(data / "new.tar")) as w:
             for i, r in enumerate(rows):
-                w.write({"__key__": f"{i:04d}", "tokens.npy": _npy_bytes(np.asarray(r, np.int32))})
+                w.write({"__key__": f"{i:04d}", "tokens.npy": npy_bytes(np.asarray(r, np.int32))})
     shard = f"new.{fmt}"
     cli("distlstm.predict", str(run_dir), "--data", str(data / shard), "--out", str(tmp_path / "p"), cache=cache)
     table, _ = read_predictions(tmp_path / "p")

@@ -50,6 +50,19 @@ def test_on_refuses_what_cannot_be_captured(args, needle):
     assert "--train.cuda_graphs auto|off" in str(err.value)
 
 
+def test_gloo_on_several_ranks_is_never_graphed():
+    """Issue 18 defect 4: gloo's all-reduce runs on the host and cannot be captured; auto must not
+    turn graphs on for it (it did, and the first capture died), `on` must refuse naming the backend."""
+    auto = load_config(None, ["--train.backend", "gloo", "--data.shape_buckets", "32"])
+    assert graphs_decision(auto, CUDA, world_size=1)[0] is True   # one rank: no collective in the step
+    on, why = graphs_decision(auto, CUDA, world_size=2)
+    assert on is False and "train.backend=gloo" in why
+    assert graphs_decision(load_config(None, ["--data.shape_buckets", "32"]), CUDA, world_size=8)[0] is True
+    with pytest.raises(ConfigError, match="train.backend=gloo"):
+        graphs_decision(load_config(None, ["--train.cuda_graphs", "on", "--train.backend", "gloo"]), CUDA,
+                        world_size=2)
+
+
 def test_on_with_exact_shapes_is_allowed_and_said():
     on, why = graphs_decision(load_config(None, ["--train.cuda_graphs", "on", "--data.shape_buckets", "0"]), CUDA)
     assert on and "only repeated shapes" in why

@@ -276,3 +276,40 @@ def test_forget_gate_bias_is_one():
     model = make_model(hidden_size=8)
     total = model.lstm.bias_ih_l0 + model.lstm.bias_hh_l0
     torch.testing.assert_close(total[8:16], torch.ones(8, dtype=total.dtype))
+
+
+def test_host_lengths_reach_packing_as_an_object_ddp_does_not_move(monkeypatch):
+    """Issue 18 defect 3: DDP with device_ids moves tensor arguments (keywords too) to the GPU and
+    pack_padded_sequence refuses CUDA lengths, so a bidirectional model died at step 1. The step
+    passes the host lengths as a HostLengths object: no tensor keyword reaches the model, DDP's
+    own argument mover leaves it alone, and packing gets the host tensor unchanged."""
+    from torch.distributed.utils import _recursive_to  # what DDP applies to forward's arguments
+
+    from distlstm.data.batch import Batch
+    from distlstm.models.lstm import HostLengths
+    from distlstm.run.bptt import StateCarrier
+
+    torch.manual_seed(0)
+    model = build_model(model_config(bidirectional=True, num_layers=1), vocab_size=VOCAB, input_size=FEATURES,
+                        num_classes=CLASSES)
+    lengths = torch.tensor([5, 2, 4])
+    batch = Batch(inputs=torch.randint(0, VOCAB, (3, 5)), lengths=lengths, targets=torch.tensor([0, 1, 2]),
+                  sample_ids=torch.arange(3))
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    packed_lengths = []
+    real_pack = torch.nn.utils.rnn.pack_padded_sequence
+    monkeypatch.setattr("distlstm.models.lstm.pack_padded_sequence",
+                        lambda x, host, **kw: packed_lengths.append(host) or real_pack(x, host, **kw))
+    carrier = StateCarrier()
+    moved = batch.to(torch.device("cpu"))
+    (piece,) = carrier.pieces(moved, batch)
+    out = carrier.forward(model, piece)
+    (kwargs,) = seen
+    assert not [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)], kwargs
+    assert isinstance(kwargs["lengths_cpu"], HostLengths)
+    assert _recursive_to(kwargs, torch.device("meta"), False)[0]["lengths_cpu"] is kwargs["lengths_cpu"]
+    # Packing gets the host lengths, sorted on the host (encode sorts them itself: no sync).
+    (packed,) = packed_lengths
+    assert packed.device.type == "cpu" and packed.tolist() == sorted(piece.lengths_cpu.tolist(), reverse=True)
+    torch.testing.assert_close(out, model(batch.inputs, lengths))

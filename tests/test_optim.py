@@ -22,7 +22,7 @@ from distlstm.config import Config, ConfigError, ModelConfig, OptimConfig, Train
 from distlstm.models.lstm import build_model
 from distlstm.run.optim import PlateauSchedule
 from distlstm.distributed.parallel import AmpPolicy
-from distlstm.checkpoint.codec import _decode, _encode
+from distlstm.checkpoint.codec import decode_tree, encode_tree
 from distlstm.run.trainer import Trainer, build_optimizer
 from distlstm.distributed.world import detect_world
 from tests._step_worker import make_batches
@@ -167,10 +167,10 @@ def test_plateau_keeps_warmup_and_its_state_survives_a_checkpoint_round_trip():
     for loss in [2.0, 2.1]:
         a.step()
         a.observe(loss)
-    saved = json.loads(json.dumps(_encode(a.state_dict(), "scheduler")))
+    saved = json.loads(json.dumps(encode_tree(a.state_dict(), "scheduler")))
     assert "factor" not in saved and "patience" not in saved
     b = build()
-    b.load_state_dict(_decode(saved))
+    b.load_state_dict(decode_tree(saved))
     for loss in [1.0, 1.5, 0.9, 0.95]:
         for s in (a, b):
             s.step()

@@ -1,9 +1,11 @@
 """Preemption: a signal becomes a clean stop on the same step on every rank, then a requeue.
 
 A failure here means a preempted job loses its work (no stop at a step boundary), hangs (ranks
-disagree about stopping and one waits in a collective forever) or requeues when the user cancelled.
+disagree about stopping and one waits in a collective forever), requeues when the user cancelled, or
+exits 0 so that a wrapper or scheduler takes a stopped run for a finished one.
 """
 
+import json
 import os
 import signal
 import socket
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from distlstm.distributed.preempt import PreemptionHandler
+from distlstm.distributed.preempt import EXIT_PREEMPTED, PreemptionHandler
 from distlstm.distributed.world import SINGLE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +149,43 @@ def test_requeue_reports_scontrol_failure(fake_scontrol, monkeypatch):
     messages = []
     assert not handler_got(signal.SIGUSR1).requeue(3, messages.append, env={"SLURM_JOB_ID": "9"})
     assert "exited 1" in messages[-1]
+
+
+# A real trainer (tests/_resume_util.py sends the signal to itself during a chosen step).
+TRAIN = ["--data.synthetic_samples", "400", "--model.hidden_size", "16", "--data.max_tokens", "512",
+         "--train.eval_every", "0", "--log.progress", "false", "--log.tensorboard", "false",
+         "--data.num_workers", "0", "--train.max_steps", "8", "--checkpoint.every_steps", "100"]
+
+
+def train(run_dir, env_extra=None, fault=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD", "LOCAL_RANK",
+                                                                        "MASTER_", "DISTLSTM_TEST_FAULT"))}
+    env.update(env_extra or {}, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               DISTLSTM_CACHE=str(run_dir.parent / "cache"))
+    if fault:
+        env["DISTLSTM_TEST_FAULT"] = json.dumps(fault)
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "_resume_util.py"), "--train.run_dir", str(run_dir),
+                           *TRAIN], env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig,slurm", [("SIGTERM", False), ("SIGUSR1", True)])
+def test_preempted_run_exits_75_then_the_same_command_finishes_with_0(tmp_path, fake_scontrol, sig, slurm):
+    """A stop signal mid-run commits a checkpoint and exits EXIT_PREEMPTED (75), not 0: a wrapper or
+    scheduler must not take it for finished. Under SLURM (SLURM_JOB_ID, a `scontrol` on PATH) SIGUSR1
+    still requeues the job before that exit; the same command then resumes and exits 0."""
+    run_dir = tmp_path / "run"
+    env = {"SLURM_JOB_ID": "77", "PATH": os.environ["PATH"]} if slurm else {}
+    first = train(run_dir, env, fault={"action": "signal", "sig": sig, "step": 3})
+    out = first.stdout + first.stderr
+    assert first.returncode == EXIT_PREEMPTED == 75, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert f"preempted ({sig}): checkpoint committed at step 3" in out and "exit status 75" in out, out[-3000:]
+    assert not (run_dir / "final.json").exists()
+    assert fake_scontrol() == (["requeue 77"] if slurm else [])
+    if slurm:
+        assert "preempt: requeued job 77" in out, out[-3000:]
+    second = train(run_dir, env)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert "resumed from" in second.stdout and "at step 3" in second.stdout, second.stdout[-3000:]
+    assert json.loads((run_dir / "final.json").read_text())["step"] == 8

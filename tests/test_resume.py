@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from distlstm.checkpoint.manager import verify_checkpoint
+from distlstm.distributed.preempt import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 UTIL = ROOT / "tests" / "_resume_util.py"
@@ -120,6 +121,30 @@ def ok(run: Run) -> Run:
     return run
 
 
+def preempted(run: Run, *, nproc: int = 1) -> Run:
+    """A run stopped by SIGTERM / SIGUSR1 with its checkpoint committed: exit EXIT_PREEMPTED (75), no
+    traceback. Under torchrun every worker exits 75 and torchrun itself exits 1, with its own report
+    (ChildFailedError naming the workers' exit codes, or SignalException when torchrun was signalled
+    too): the only tracebacks allowed."""
+    if nproc == 1:
+        assert run.rc == EXIT_PREEMPTED, f"exit {run.rc}:\n{run.out[-5000:]}"
+        assert "Traceback" not in run.out, run.out[-5000:]
+        return run
+    assert run.rc == 1, f"exit {run.rc}:\n{run.out[-5000:]}"
+    # The first worker to exit 75 makes torchrun's agent SIGTERM the others (-15) after the
+    # checkpoint every rank committed together: what resumes is checked by the caller.
+    # When torchrun itself was signalled too (scancel, `kill -TERM -<pgid>`), it raises SignalException
+    # and shuts the workers down without reporting their exit codes: the workers' own "preempted"
+    # line and the resume are what show the checkpoint.
+    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", run.out))
+    assert codes <= {str(EXIT_PREEMPTED), "-15"}, run.out[-5000:]
+    assert str(EXIT_PREEMPTED) in codes or "SignalException" in run.out, run.out[-5000:]
+    ours = re.sub(r"Traceback \(most recent call last\):.*?(ChildFailedError|SignalException)", "", run.out,
+                  flags=re.S)
+    assert "Traceback" not in ours, run.out[-5000:]
+    return run
+
+
 def tracebacks(out: str, *, killed: bool) -> list[str]:
     """The tracebacks in a run's output. After a SIGKILL of the trainer, one from a DataLoader worker's
     fd-sharing thread (multiprocessing/resource_sharer.py: its peer vanished mid-handshake) is noise
@@ -175,9 +200,10 @@ def clean_two(workdir) -> dict:
 @pytest.fixture(scope="module")
 def stopped_two(workdir) -> Path:
     """2 ranks, SIGUSR1 to rank 1 only during step TWO_STOP (mid-epoch): both ranks agree to stop
-    after that step, commit a checkpoint for it and exit 0. Tests resume from copies of it."""
+    after that step, commit a checkpoint for it and exit 75 (torchrun: 1). Tests resume from copies of it."""
     run_dir = workdir / "runs" / "stopped-two"
-    run = ok(launch(run_dir, TWO, nproc=2, fault={"action": "signal", "sig": "SIGUSR1", "step": TWO_STOP, "rank": 1}))
+    run = preempted(launch(run_dir, TWO, nproc=2, fault={"action": "signal", "sig": "SIGUSR1", "step": TWO_STOP,
+                                                         "rank": 1}), nproc=2)
     assert f"checkpoint committed at step {TWO_STOP}" in run.out, run.out[-3000:]
     assert not (run_dir / "final.json").exists()
     assert [p.name for p in valid_checkpoints(run_dir)][-1] == f"step-{TWO_STOP:06d}"
@@ -195,7 +221,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 def test_one_process_sigterm_then_resume_is_bit_exact(clean_one, workdir):
     run_dir = workdir / "runs" / "sigterm-one"
     stop = 7
-    first = ok(launch(run_dir, ONE, fault={"action": "signal", "sig": "SIGTERM", "step": stop}))
+    first = preempted(launch(run_dir, ONE, fault={"action": "signal", "sig": "SIGTERM", "step": stop}))
     assert f"preempted (SIGTERM): checkpoint committed at step {stop}" in first.out, first.out[-3000:]
     assert not (run_dir / "final.json").exists()
     second = ok(launch(run_dir, ONE))
@@ -377,8 +403,8 @@ def test_elastic_resume_with_four_plan_streams_consumes_every_sample_once(workdi
             "--log.progress", "false", "--log.tensorboard", "false", "--log.sample_ids", "true"]
     run_dir = workdir / "runs" / "streams"
     stop = 8
-    first = ok(launch(run_dir, [*args, "--data.num_workers", "2"], nproc=2,
-                      fault={"action": "signal", "sig": "SIGUSR1", "step": stop, "rank": 0}))
+    first = preempted(launch(run_dir, [*args, "--data.num_workers", "2"], nproc=2,
+                             fault={"action": "signal", "sig": "SIGUSR1", "step": stop, "rank": 0}), nproc=2)
     assert "4 stream(s)" in first.out and f"checkpoint committed at step {stop}" in first.out, first.out[-3000:]
     loader = json.loads((run_dir / "checkpoints" / f"step-{stop:06d}" / "extra.json").read_text())["loader"]
     assert (loader["epoch"], loader["consumed"], loader["streams"]) == (0, 2 * stop, 4), loader

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 # ---------------------------------------------------------------- JSON codec (no pickle anywhere)
 
 
-def _encode(obj: Any, where: str, tensors: dict[str, torch.Tensor] | None = None) -> Any:
+def encode_tree(obj: Any, where: str, tensors: dict[str, torch.Tensor] | None = None) -> Any:
     """JSON-able copy of ``obj``; tuples, numpy and tensors get marker dicts so they round-trip.
 
     With ``tensors`` given, tensors are moved there (saved with torch.save) and referenced by key;
@@ -30,12 +30,12 @@ def _encode(obj: Any, where: str, tensors: dict[str, torch.Tensor] | None = None
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise TypeError(f"{where}: key {k!r} is {type(k).__name__}; checkpoint dicts need str keys")
-            out[k] = _encode(v, f"{where}[{k!r}]", tensors)
+            out[k] = encode_tree(v, f"{where}[{k!r}]", tensors)
         return out
     if isinstance(obj, list):
-        return [_encode(v, f"{where}[{i}]", tensors) for i, v in enumerate(obj)]
+        return [encode_tree(v, f"{where}[{i}]", tensors) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, f"{where}[{i}]", tensors) for i, v in enumerate(obj)]}
+        return {"__tuple__": [encode_tree(v, f"{where}[{i}]", tensors) for i, v in enumerate(obj)]}
     if isinstance(obj, torch.Tensor):
         if tensors is not None:
             key = f"t{len(tensors)}"
@@ -55,34 +55,34 @@ def _encode(obj: Any, where: str, tensors: dict[str, torch.Tensor] | None = None
     )
 
 
-def _decode(obj: Any, tensors: dict[str, torch.Tensor] | None = None) -> Any:
+def decode_tree(obj: Any, tensors: dict[str, torch.Tensor] | None = None) -> Any:
     if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
+        return [decode_tree(v, tensors) for v in obj]
     if not isinstance(obj, dict):
         return obj
     keys = set(obj)
     if keys == {"__tuple__"}:
-        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        return tuple(decode_tree(v, tensors) for v in obj["__tuple__"])
     if keys == {"__tensor_ref__"}:
         return (tensors or {})[obj["__tensor_ref__"]]
     if keys == {"__tensor__", "dtype", "shape"}:
         return torch.tensor(obj["__tensor__"], dtype=getattr(torch, obj["dtype"])).reshape(obj["shape"])
     if keys == {"__ndarray__", "dtype"}:
         return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
-    return {k: _decode(v, tensors) for k, v in obj.items()}
+    return {k: decode_tree(v, tensors) for k, v in obj.items()}
 
 
 # ---------------------------------------------------------------- nested state dict helpers
 
 
-def _split(tree: dict) -> tuple[dict, dict]:
+def split_tree(tree: dict) -> tuple[dict, dict]:
     """Nested dicts -> (tensor leaves, everything else). DCP gets only tensors, so it never pickles."""
     tensors, rest = {}, {}
     for k, v in tree.items():
         if isinstance(v, torch.Tensor):
             tensors[k] = v
         elif isinstance(v, dict):
-            t, r = _split(v)
+            t, r = split_tree(v)
             if t:
                 tensors[k] = t
             if r or not t:
@@ -92,25 +92,25 @@ def _split(tree: dict) -> tuple[dict, dict]:
     return tensors, rest
 
 
-def _merge(tensors: dict, rest: dict) -> dict:
+def merge_tree(tensors: dict, rest: dict) -> dict:
     out = dict(rest)
     for k, v in tensors.items():
-        out[k] = _merge(v, rest.get(k, {})) if isinstance(v, dict) else v
+        out[k] = merge_tree(v, rest.get(k, {})) if isinstance(v, dict) else v
     return out
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_tree(tree: dict, prefix: str = "") -> dict[str, Any]:
     """DCP's flattened keys: nested dict path joined with '.' (``optim.state.<fqn>.exp_avg``)."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten_tree(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def _get_train_state(state: dict) -> dict:
+def train_state_of(state: dict) -> dict:
     """{"model": fqn -> tensor, "optim": {"state": ..., "param_groups": ...}} without DDP prefixes."""
     model = state["model"]
     out = {"model": get_model_state_dict(model)}
@@ -119,9 +119,9 @@ def _get_train_state(state: dict) -> dict:
     return out
 
 
-def _to_cpu_copy(tree: dict) -> dict:
+def cpu_copy(tree: dict) -> dict:
     """Snapshot for async save: training may change the live tensors while the thread writes."""
-    return {k: _to_cpu_copy(v) if isinstance(v, dict) else v.detach().to("cpu", copy=True) for k, v in tree.items()}
+    return {k: cpu_copy(v) if isinstance(v, dict) else v.detach().to("cpu", copy=True) for k, v in tree.items()}
 
 
 # ---------------------------------------------------------------- RNG and hashing helpers
@@ -180,7 +180,7 @@ def tree_hash(model: torch.nn.Module, optim: torch.optim.Optimizer | None = None
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
-            h.update(f"{name}={json.dumps(_encode(value, name), sort_keys=True)}".encode())
+            h.update(f"{name}={json.dumps(encode_tree(value, name), sort_keys=True)}".encode())
 
     for key, t in sorted(get_model_state_dict(model).items()):
         add(f"model.{key}", t)

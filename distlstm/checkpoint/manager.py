@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -59,16 +58,18 @@ from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_op
 
 from distlstm.checkpoint.guard import (SIGNATURE, SafeFileSystemReader, UnsafeCheckpointError, content_problems,
                                        signature)
+from distlstm.data.sources import file_digest
 from distlstm.errors import RunError, failure_text
 from distlstm.checkpoint.codec import (  # noqa: F401  (rng_state, set_rng_state, tree_hash: public here too)
-    _decode, _encode, _flat, _get_train_state, _merge, _split, _to_cpu_copy, rng_state, set_rng_state, tree_hash,
+    cpu_copy, decode_tree, encode_tree, flatten_tree, merge_tree, rng_state, set_rng_state, split_tree,
+    train_state_of, tree_hash,
 )
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 BEST = "best"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(\d+)$")
 _REQUIRED_FILES = (".metadata", "state.json", "extra.json", MANIFEST)
 
 
@@ -94,7 +95,7 @@ def _distlstm_version() -> str:
 
 
 @contextlib.contextmanager
-def _quiet_single_process(single: bool) -> Iterator[None]:
+def quiet_single_process(single: bool) -> Iterator[None]:
     """DCP warns on every call without a process group; single-process use is intended here."""
     with warnings.catch_warnings():
         if single:
@@ -118,13 +119,8 @@ def _write_file(path: Path, data: bytes) -> None:
 
 
 def _digest(path: Path) -> dict:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
+    size, sha = file_digest(str(path))
+    return {"size": size, "sha256": sha}
 
 
 def _files_under(path: Path) -> list[str]:
@@ -148,7 +144,7 @@ def verify_checkpoint(path: Path) -> list[str]:
         return [f"{MANIFEST} has an unknown format (want format {FORMAT_VERSION})"]
     files = manifest.get("files", {})
     problems = [f"{MANIFEST} does not list {n}" for n in _REQUIRED_FILES[:-1] if n not in files]
-    m = _STEP_DIR.match(path.name)
+    m = STEP_DIR.match(path.name)
     if m and int(m.group(1)) != manifest.get("step"):
         problems.append(f"{MANIFEST} says step {manifest.get('step')}, directory name says {int(m.group(1))}")
     for name, want in files.items():
@@ -173,7 +169,7 @@ def committed_steps(ckpt_dir: Path) -> dict[int, Path]:
     """Step -> committed checkpoint directory (step-N) under `ckpt_dir`."""
     if not ckpt_dir.is_dir():
         return {}
-    return {int(m.group(1)): p for p in ckpt_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()}
+    return {int(m.group(1)): p for p in ckpt_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()}
 
 
 def find_valid(ckpt_dir: Path) -> tuple[str | None, list[str]]:
@@ -188,7 +184,7 @@ def find_valid(ckpt_dir: Path) -> tuple[str | None, list[str]]:
     order: list[Path] = []
     try:
         name = (ckpt_dir / LATEST).read_text().strip()
-        if _STEP_DIR.match(name):
+        if STEP_DIR.match(name):
             order.append(ckpt_dir / name)
         else:
             notes.append(f"checkpoint: ignoring pointer {ckpt_dir / LATEST}: content {name[:40]!r} is not a step dir")
@@ -286,7 +282,7 @@ class CheckpointManager:
 
         # Nobody writes into tmp before rank 0 has cleared what a killed run left there.
         self._all_ok(prepare, f"preparing {tmp}")
-        tensors, rest = _split(_get_train_state(state))
+        tensors, rest = split_tree(train_state_of(state))
         own = self._all_ok(lambda: self._write_small_files(tmp, state, rest), f"writing small files into {tmp}")
         if self._executor is None:
             future: cf.Future = cf.Future()
@@ -299,7 +295,7 @@ class CheckpointManager:
             self._pending = (step, tmp, future)
             self.wait()
         else:
-            snapshot = _to_cpu_copy(tensors)
+            snapshot = cpu_copy(tensors)
             self._pending = (step, tmp, self._executor.submit(self._write_shards, snapshot, tmp, own))
         return self.step_dir(step)
 
@@ -326,11 +322,11 @@ class CheckpointManager:
 
     def _write_small_files(self, tmp: Path, state: dict, rest: dict) -> list[str]:
         # Encode on every rank (not only the writer) so a non-JSON value fails on all ranks alike.
-        docs = {"state.json": _encode(rest, "optimizer/model state"),
-                "extra.json": _encode(_state_values(state.get("extra")), "state['extra']")}
+        docs = {"state.json": encode_tree(rest, "optimizer/model state"),
+                "extra.json": encode_tree(_state_values(state.get("extra")), "state['extra']")}
         name = f"rank-{self.rank:05d}"
         tensors: dict[str, torch.Tensor] = {}
-        docs[f"{name}.json"] = _encode(_state_values(state.get("rank_state")), "state['rank_state']", tensors)
+        docs[f"{name}.json"] = encode_tree(_state_values(state.get("rank_state")), "state['rank_state']", tensors)
         if self.rank != 0:
             del docs["state.json"], docs["extra.json"]
         for file, doc in docs.items():
@@ -342,7 +338,7 @@ class CheckpointManager:
     def _write_shards(self, tensors: dict, tmp: Path, own: list[str]) -> dict:
         """DCP write of this rank's shard, then digests of the files this rank wrote (may run in a thread)."""
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
-        with _quiet_single_process(self._pg is None):
+        with quiet_single_process(self._pg is None):
             dcp.save(tensors, storage_writer=writer, process_group=self._pg, no_dist=self._pg is None)
         names = own + sorted(p.name for p in tmp.glob(f"__{self.rank}_*.distcp"))
         return {n: _digest(tmp / n) for n in names}
@@ -490,19 +486,19 @@ class CheckpointManager:
 
     def _load_verified(self, path: Path, state: dict) -> dict:
         manifest = json.loads((path / MANIFEST).read_text())
-        saved_rest = _decode(json.loads((path / "state.json").read_text()))
+        saved_rest = decode_tree(json.loads((path / "state.json").read_text()))
         if state.get("optim") is not None and "optim" not in saved_rest:
             raise ValueError(f"checkpoint {path} has no optimizer state; load it with state['optim'] = None")
-        tensors, _ = _split(_get_train_state(state))
+        tensors, _ = split_tree(train_state_of(state))
         # Never DCP's own reader: it unpickles .metadata with pickle.load (see checkpoint_guard).
-        _check_shapes(path, tensors, SafeFileSystemReader(path).read_metadata())
+        check_shapes(path, tensors, SafeFileSystemReader(path).read_metadata())
         try:
-            with _quiet_single_process(self._pg is None):
+            with quiet_single_process(self._pg is None):
                 dcp.load(tensors, storage_reader=SafeFileSystemReader(path), process_group=self._pg,
                          no_dist=self._pg is None)
         except CheckpointException as e:  # a BaseException: see save()
             raise CheckpointError(f"checkpoint {path}: loading failed: {failure_text(e)}") from e
-        loaded = _merge(tensors, saved_rest)
+        loaded = merge_tree(tensors, saved_rest)
         set_model_state_dict(state["model"], loaded["model"])
         if state.get("optim") is not None:
             set_optimizer_state_dict(state["model"], state["optim"], loaded["optim"])
@@ -514,8 +510,8 @@ class CheckpointManager:
             except pickle.UnpicklingError as exc:  # weights_only refused it: not written by distlstm
                 raise UnsafeCheckpointError(f"checkpoint {path}: {name}.pt refused by torch.load(weights_only=True): "
                                             f"{str(exc).strip().splitlines()[0]}; use another checkpoint") from None
-            rank_state = _decode(json.loads((path / f"{name}.json").read_text()), refs)
-        extra = _decode(json.loads((path / "extra.json").read_text()))
+            rank_state = decode_tree(json.loads((path / f"{name}.json").read_text()), refs)
+        extra = decode_tree(json.loads((path / "extra.json").read_text()))
         self._restore_components(path, state.get("extra"), extra)
         restored = False
         if _is_stateful(state.get("rank_state")) and rank_state is not None and manifest["world_size"] == self.world_size:
@@ -576,15 +572,15 @@ def _state_values(obj: Any) -> Any:
     return obj
 
 
-def _check_shapes(path: Path, target: dict, metadata: Any) -> None:
+def check_shapes(path: Path, target: dict, metadata: Any) -> None:
     """ValueError listing every tensor whose saved shape differs; prunes optimizer state never saved."""
     saved = {k: tuple(m.size) for k, m in metadata.state_dict_metadata.items()
              if isinstance(m, TensorStorageMetadata)}
     # A parameter that never got a gradient has no optimizer state in the checkpoint: leave it empty.
     for fqn, entry in list(target.get("optim", {}).get("state", {}).items()):
-        if not any(f"optim.state.{fqn}.{k}" in saved for k in _flat(entry)):
+        if not any(f"optim.state.{fqn}.{k}" in saved for k in flatten_tree(entry)):
             del target["optim"]["state"][fqn]
-    flat = _flat(target)
+    flat = flatten_tree(target)
     problems = []
     for key, t in flat.items():
         if key not in saved:

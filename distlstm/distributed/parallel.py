@@ -17,9 +17,10 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def apply_ddp(model: nn.Module, world: World, device: torch.device, *, bucket_mb: float = 25.0,
-              grad_as_bucket_view: bool = True, static_graph: bool = False) -> nn.Module:
-    """Wrap in DDP when there is more than one rank. DDP broadcasts rank 0's parameters at
-    construction, so every rank starts from the same weights whatever its seed.
+              grad_as_bucket_view: bool = True, static_graph: bool = False, force: bool = False) -> nn.Module:
+    """Wrap in DDP when there is more than one rank, or with `force` (train.ddp=on) in a process group
+    of one (`session` made it). DDP broadcasts rank 0's parameters at construction, so every rank
+    starts from the same weights whatever its seed.
 
     - `bucket_mb`: gradients are all-reduced in buckets of about this size, in reverse parameter
       order, each as soon as its gradients are ready. An LSTM's recurrent weights all get their
@@ -32,7 +33,7 @@ def apply_ddp(model: nn.Module, world: World, device: torch.device, *, bucket_mb
       so DDP can skip the per-step bookkeeping; DDP does not support it together with `no_sync`
       (gradient accumulation), which the caller must not combine with it.
     """
-    if not world.is_distributed:
+    if not world.is_distributed and not force:
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=bucket_mb,
@@ -44,7 +45,7 @@ def ddp_options(train_cfg) -> dict:
     """apply_ddp's keyword arguments from the [train] config section."""
     static = train_cfg.ddp_static_graph == "on" or (train_cfg.ddp_static_graph == "auto" and train_cfg.accum_steps == 1)
     return {"bucket_mb": train_cfg.ddp_bucket_mb, "grad_as_bucket_view": train_cfg.ddp_grad_as_bucket_view,
-            "static_graph": static}
+            "static_graph": static, "force": train_cfg.ddp == "on"}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -61,7 +62,11 @@ def no_sync(model: nn.Module, skip: bool):
 
 @dataclass
 class AmpPolicy:
-    """Autocast dtype for forward passes, and a GradScaler for fp16 (bf16 needs none)."""
+    """Autocast dtype for forward passes, and a GradScaler for fp16 (bf16 needs none).
+
+    The parameters, their gradients and the optimizer state stay fp32 in every precision. Under bf16
+    the LSTM itself runs outside autocast, on bf16 copies of its weights (`SequenceModel.run_lstm`:
+    autocast's cuDNN RNN path would run it in fp16, unscaled); `describe` says what runs in what."""
 
     precision: str
     device: torch.device
@@ -69,8 +74,25 @@ class AmpPolicy:
     def __post_init__(self) -> None:
         if self.precision not in _DTYPES:
             raise ValueError(f"train.precision={self.precision!r}; choose fp32, bf16 or fp16")
+        if (self.precision == "bf16" and self.device.type == "cuda"
+                and torch.cuda.get_device_capability(self.device) < (8, 0)):
+            raise ValueError(f"train.precision=bf16: {torch.cuda.get_device_name(self.device)} (compute capability "
+                             f"{'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}) has no bf16 "
+                             "kernels (they need 8.0+); use --train.precision fp16 (loss-scaled) or fp32")
         self.dtype = _DTYPES[self.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+    def describe(self) -> str:
+        """What runs in which precision, for the startup log."""
+        if self.dtype is None:
+            return "fp32 (no autocast)"
+        if self.precision == "bf16":
+            return ("bf16: the LSTM runs in bf16 (outside autocast, on bf16 copies of the fp32 weights), the rest "
+                    "under bf16 autocast; fp32 master weights, gradients and optimizer state")
+        lstm = ("fp32 (oneDNN has no fp16 LSTM on CPU)" if self.device.type == "cpu"
+                else "fp16 (autocast's cuDNN RNN path)")
+        return (f"fp16 autocast with a GradScaler: the LSTM runs in {lstm}; fp32 master weights, gradients and "
+                "optimizer state")
 
     def autocast(self):
         if self.dtype is None:

@@ -6,6 +6,11 @@ checkpoint, and hangs or corrupts the job. The trainer instead calls `agreed_sto
 step boundary; one all_reduce(MAX) of the flag makes every rank see the stop on the same step,
 even when the signal reached only some ranks (or reached them a step apart).
 
+Exit status: a run stopped by SIGTERM or SIGUSR1 (any rank) after committing its checkpoint exits
+`EXIT_PREEMPTED` (75, EX_TEMPFAIL in sysexits.h: "temporary failure, run it again"), so that a
+wrapper or scheduler can tell it from a finished run (0), a user error (2) or a crash (1, or killed
+by a signal); Ctrl-C exits 130 as a shell expects. The same command again resumes it.
+
 SIGUSR1 is the "time is nearly up" signal (`#SBATCH --signal=B:USR1@120`, forwarded to the
 training processes by launch/slurm/*.sbatch, because torchrun does not forward it). SIGTERM is
 what SLURM sends on scancel, preemption and at the time limit. SIGINT (Ctrl-C) stops the same way
@@ -24,6 +29,11 @@ from typing import Callable, Mapping
 import torch
 
 from distlstm.distributed.world import World
+
+EXIT_PREEMPTED = 75
+"""The exit status of a run stopped by SIGTERM / SIGUSR1 with its checkpoint committed."""
+EXIT_INTERRUPTED = 130
+"""The exit status of a run stopped by Ctrl-C (SIGINT), checkpoint committed or not (128 + SIGINT)."""
 
 
 class PreemptionHandler:
@@ -52,7 +62,7 @@ class PreemptionHandler:
             if self._interrupts > 1:  # a second Ctrl-C: the user does not want to wait for the step
                 os.write(2, b"\ninterrupted again: exiting now, without a checkpoint "
                             b"(the last committed one is kept)\n")
-                os._exit(130)
+                os._exit(EXIT_INTERRUPTED)
             if os.isatty(2):
                 os.write(2, b"\ninterrupt: saving a checkpoint after this step "
                             b"(Ctrl-C again to exit now without one)\n")

@@ -276,12 +276,13 @@ def default_backend(device: torch.device) -> str:
 
 
 def init_process_group(world: World, *, backend: str, timeout_s: float,
-                       device: torch.device | None = None) -> None:
-    """Join the process group (no-op for one process). `timeout_s` bounds rendezvous and every
-    collective, so a dead rank fails the job instead of hanging it until the wall-clock limit."""
+                       device: torch.device | None = None, alone: bool = False) -> None:
+    """Join the process group (no-op for one process, unless `alone`: then a group of one, with an
+    in-process store, for train.ddp=on). `timeout_s` bounds rendezvous and every collective, so a
+    dead rank fails the job instead of hanging it until the wall-clock limit."""
     import torch.distributed as dist
 
-    if not world.is_distributed:
+    if not world.is_distributed and not alone:
         return
     if world.mode == "slurm":
         # env:// rendezvous reads these; torchrun sets them itself, srun does not.
@@ -293,9 +294,13 @@ def init_process_group(world: World, *, backend: str, timeout_s: float,
             raise ValueError(f"backend 'nccl' needs a cuda device, got {device}; use backend 'gloo'")
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
-    dist.init_process_group(backend, init_method="env://", rank=world.rank,
-                            world_size=world.world_size, timeout=timedelta(seconds=timeout_s),
-                            **kwargs)
+    if not world.is_distributed:
+        # One process: nobody to meet, so no rendezvous address (a launcher may not have set one).
+        kwargs["store"] = dist.HashStore()
+    else:
+        kwargs["init_method"] = "env://"
+    dist.init_process_group(backend, rank=world.rank, world_size=world.world_size,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
 def destroy_process_group(*, barrier: bool = False) -> None:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+import os
+from types import SimpleNamespace
+
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from distlstm.tasks import IGNORE_INDEX, TASKS, Task, get_task  # noqa: F401 (re-exported)
 
@@ -21,6 +24,17 @@ if TYPE_CHECKING:
     from distlstm.config import ModelConfig
 
 INPUTS = ("tokens", "features")
+
+class HostLengths:
+    """Sequence lengths kept on the host, passed to `forward` as an object DDP leaves where it is:
+    DDP with `device_ids` moves every tensor argument (also keyword, also inside lists and
+    dataclasses) to the GPU, and `pack_padded_sequence` refuses CUDA lengths."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
 
 LstmState = tuple[Tensor, Tensor]  # (h, c), each (num_layers * num_directions, B, size)
 Resets = Sequence[tuple[int, Tensor]]  # (column, (B,) bool rows whose state is zeroed before it)
@@ -98,11 +112,11 @@ class SequenceModel(nn.Module):
             self.head.weight = self.embedding.weight
         _init_forget_gate_bias(self.lstm, hidden_size)
 
-    def forward(self, inputs: Tensor, lengths: Tensor, lengths_cpu: Tensor | None = None,
+    def forward(self, inputs: Tensor, lengths: Tensor, lengths_cpu: "HostLengths | Tensor | None" = None,
                 state: LstmState | None = None, resets: Resets = (), with_state: bool = False):
         """classify `(B, C)`, regress `(B,)` or `(B, K)`, tag `(B, T, C)`, lm `(B, T, V)` logits.
         `lengths_cpu`: the same lengths on the host, if the caller has them (saves the packing path,
-        bidirectional models, a device->host copy and its sync).
+        bidirectional models, a device->host copy and its sync); under DDP wrap them in `HostLengths`.
 
         `with_state=True` (truncated BPTT, unidirectional only; see `encode_carried`): start from
         `state`, zero it per row at `resets`, and return `(logits, state after the last column)`.
@@ -111,6 +125,8 @@ class SequenceModel(nn.Module):
         if with_state:
             steps, final_state = self.encode_carried(inputs, state, resets)
             return self.apply_head(steps, lengths), final_state
+        if isinstance(lengths_cpu, HostLengths):
+            lengths_cpu = lengths_cpu.tensor
         steps, _ = self.encode(inputs, lengths, lengths_cpu=lengths_cpu)
         return self.apply_head(steps, lengths)
 
@@ -139,7 +155,7 @@ class SequenceModel(nn.Module):
                 # masked_fill keeps the state's dtype (a multiply by a float mask would promote bf16).
                 rows = rows_at[a].view(1, -1, 1)
                 state = (state[0].masked_fill(rows, 0.0), state[1].masked_fill(rows, 0.0))
-            out, state = self.lstm(x[:, a:b], state)
+            out, state = self.run_lstm(x[:, a:b], state)
             outs.append(out)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), state
 
@@ -178,15 +194,52 @@ class SequenceModel(nn.Module):
             # the backward direction would start in the padding, so pack it out.
             pack = self.bidirectional
         if not pack:
-            return self.lstm(x, state)
+            return self.run_lstm(x, state)
         total_length = x.shape[1]
         # pack_padded_sequence needs lengths on the CPU: the caller's host copy, else one
         # device->host copy (a sync), packing only.
         host = lengths_cpu if lengths_cpu is not None else lengths.cpu()
-        packed = pack_padded_sequence(x, host, batch_first=True, enforce_sorted=False)
-        packed_out, final_state = self.lstm(packed, state)
+        # Sorted here, not by torch: pack_padded_sequence(enforce_sorted=False) moves its sort order
+        # to the device with a blocking copy and pad_packed_sequence reads the inverse back with
+        # .cpu(), two host syncs per step. Both orders are computed on the host and reach the device
+        # in one non-blocking copy from pinned memory.
+        order = torch.argsort(host, descending=True, stable=True)
+        orders = torch.stack([order, torch.argsort(order)])
+        if x.device.type == "cuda":
+            orders = orders.pin_memory().to(x.device, non_blocking=True)
+        to_sorted, to_original = orders[0], orders[1]
+        packed = pack_padded_sequence(x.index_select(0, to_sorted), host[order], batch_first=True)
+        if state is not None:
+            state = (state[0].index_select(1, to_sorted), state[1].index_select(1, to_sorted))
+        packed_out, (h, c) = self.run_lstm(packed, state)
         steps, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=total_length)
-        return steps, final_state
+        return steps.index_select(0, to_original), (h.index_select(1, to_original), c.index_select(1, to_original))
+
+    def run_lstm(self, x: Tensor | PackedSequence, state: LstmState | None) -> tuple[Tensor | PackedSequence, LstmState]:
+        """`self.lstm(x, state)`; under bf16 autocast, in bf16.
+
+        Autocast's cuDNN RNN wrapper casts an LSTM's input and weights to fp16 whatever the autocast
+        dtype (PyTorch's aten/src/ATen/native/cudnn/AutocastRNN.cpp), so under bf16 autocast the LSTM
+        would run in fp16 with no loss scale: a step's LSTM gradients, ~1e-7 at 64k-token batches
+        (the loss is divided by the step's item count), are fp16 subnormals, quantised or zero.
+        So under bf16 autocast the LSTM runs with autocast off, on bf16 input and state and on a bf16
+        copy of its weights made in this forward (one cast of one buffer, holding the weights in
+        nn.LSTM's order: the cast autocast makes for a Linear). The parameters stay fp32: they are the
+        optimizer's master weights, and their gradients come back through the cast in fp32. This
+        design needs nothing of the optimizer, DDP, checkpoints or CUDA graphs (the cast is captured
+        like any kernel). fp16 autocast keeps autocast's own path (fp16, with the GradScaler), fp32 none.
+        """
+        device_type = (x.data if isinstance(x, PackedSequence) else x).device.type
+        if not (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16):
+            return self.lstm(x, state)
+        dtype = torch.bfloat16
+        with torch.autocast(device_type, enabled=False):
+            weights = dict(self.lstm.named_parameters())
+            flat = torch.cat([w.reshape(-1) for w in weights.values()]).to(dtype)
+            views = flat.split([w.numel() for w in weights.values()])
+            low = {name: v.view_as(w) for (name, w), v in zip(weights.items(), views)}
+            state = None if state is None else (state[0].to(dtype), state[1].to(dtype))
+            return torch.func.functional_call(self.lstm, low, (x.to(dtype), state))
 
     def apply_head(self, steps: Tensor, lengths: Tensor) -> Tensor:
         if self.spec.per_step:
@@ -222,12 +275,71 @@ def loss_and_metrics(
     return get_task(task).loss_and_metrics(outputs, targets, lengths)
 
 
+_TRAIN_BYTES_PER_PARAM = 16   # fp32 weight + gradient + two Adam moments
+_ACTIVATION_FLOATS_PER_UNIT = 10  # per token and LSTM unit kept for backward: 4 gates, c, h, tanh(c), slack
+
+
+def memory_estimate(cfg: ModelConfig, *, tokens_per_batch: int = 0, training: bool = False) -> dict[str, int]:
+    """Bytes the model described by `cfg` needs, by the config key that decides each part, from the
+    config alone (nothing is allocated): parameters (x4 bytes, x16 when training with Adam) and, when
+    `tokens_per_batch` is given, the activations a batch of that many tokens keeps for backward."""
+    cfg = SimpleNamespace(**{"num_targets": 1, "proj_size": 0, "tie_weights": False, "bidirectional": False,
+                             "vocab_size": 0, "input_size": 0, "num_classes": 0, **vars(cfg)})
+    e = cfg.embed_size if cfg.input == "tokens" else cfg.input_size
+    h, layers, dirs = cfg.hidden_size, cfg.num_layers, 2 if cfg.bidirectional else 1
+    out = cfg.proj_size or h
+    per_param = _TRAIN_BYTES_PER_PARAM if training else 4
+    # Closed form (the first layer reads e, the others out * dirs): no loop over a hostile layer count.
+    per_layer = lambda inp: dirs * (4 * h * (inp + out) + 8 * h + (h * out if cfg.proj_size else 0))  # noqa: E731
+    lstm = per_layer(e) + (layers - 1) * per_layer(out * dirs) if layers > 0 else 0
+    features = out * dirs
+    task = get_task(cfg.task)
+    outputs = task.output_size(vocab_size=cfg.vocab_size, num_classes=cfg.num_classes, num_targets=cfg.num_targets)
+    head = (0 if cfg.tie_weights else features * max(outputs, 1)) + max(outputs, 1)  # weight + bias
+    parts = {"model.hidden_size": lstm * per_param,
+             task.output_size_key: head * per_param}
+    if cfg.input == "tokens":
+        key = "model.vocab_size" if cfg.vocab_size >= cfg.embed_size else "model.embed_size"
+        parts[key] = parts.get(key, 0) + cfg.vocab_size * cfg.embed_size * per_param
+    if tokens_per_batch:
+        per_token = e + layers * dirs * h * _ACTIVATION_FLOATS_PER_UNIT + (outputs if task.per_step else 0)
+        parts["data.max_tokens"] = tokens_per_batch * per_token * 4
+    return parts
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this machine (0 if the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(cfg: ModelConfig, *, budget_bytes: int, tokens_per_batch: int = 0, training: bool = False,
+                 where: str = "model") -> None:
+    """ValueError, before anything is allocated, when `memory_estimate` exceeds `budget_bytes`: one
+    line with the estimate, the budget and the config key that takes the most."""
+    parts = memory_estimate(cfg, tokens_per_batch=tokens_per_batch, training=training)
+    total = sum(parts.values())
+    if budget_bytes and total > budget_bytes:
+        key = max(parts, key=parts.get)
+        name = key.split(".", 1)[1]
+        value = getattr(cfg, name, tokens_per_batch) if key.startswith("model.") else tokens_per_batch
+        raise ValueError(f"{where}: needs about {total / 2**30:,.1f} GiB ({'training' if training else 'weights'}"
+                         f"), more than the {budget_bytes / 2**30:,.1f} GiB available; most of it from "
+                         f"{key}={value} ({parts[key] / 2**30:,.1f} GiB); lower {key}")
+
+
 def build_model(
     cfg: ModelConfig, *, vocab_size: int | None = None, input_size: int | None = None,
     num_classes: int | None = None
 ) -> SequenceModel:
     """The model described by the `[model]` config. The sizes that come from the data are read from
-    the config (a resolved config has them) unless given as arguments."""
+    the config (a resolved config has them) unless given as arguments. Refused (ValueError) before
+    any allocation when its weights would not fit in this machine's memory (`check_memory`)."""
+    sizes = {k: v for k, v in (("vocab_size", vocab_size), ("input_size", input_size),
+                               ("num_classes", num_classes)) if v is not None}
+    check_memory(SimpleNamespace(**{**vars(cfg), **sizes}), budget_bytes=host_memory_bytes())
     return SequenceModel(
         task=cfg.task,
         input=cfg.input,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distlstm.config import AUTO, CPU_MAX_TOKENS, Config
+from distlstm.config import AUTO, Config
 from distlstm.run.graphs import graphs_decision
 from distlstm.distributed.parallel import AmpPolicy, all_reduce_host
 
@@ -38,7 +38,7 @@ AUTO_FILE = "auto.json"
 def resolve_auto(cfg: Config, *, device: torch.device, model: torch.nn.Module, amp: AmpPolicy, group=None,
                  run_dir: Path | None = None, log=print) -> Config:
     """`cfg` with every "auto" replaced by its value for `device` (train.cuda_graphs becomes on/off)."""
-    graphs, why = graphs_decision(cfg, device)
+    graphs, why = graphs_decision(cfg, device, world_size=dist.get_world_size(group) if group is not None else 1)
     if device.type == "cuda" or cfg.train.cuda_graphs != "auto":
         log(f"cuda graphs: {'on' if graphs else 'off'} ({why})")
     data = cfg.data
@@ -56,8 +56,9 @@ def resolve_auto(cfg: Config, *, device: torch.device, model: torch.nn.Module, a
 
 def _auto_max_tokens(cfg: Config, *, device, model, amp, graphs: bool, group, run_dir, log) -> int:
     if device.type != "cuda":
-        log(f"data.max_tokens=auto: {CPU_MAX_TOKENS} (no GPU)")
-        return CPU_MAX_TOKENS
+        budget = cfg.data.host_defaults().max_tokens
+        log(f"data.max_tokens=auto: {budget} (no GPU)")
+        return budget
     saved = Path(run_dir) / AUTO_FILE if run_dir is not None else None
     if saved is not None and saved.is_file() and cfg.checkpoint.resume != "never":
         # A resumed run must plan its batches exactly as before (the loader refuses another plan).

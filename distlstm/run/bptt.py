@@ -27,7 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from distlstm.data.batch import Batch
+from distlstm.models.lstm import HostLengths
 from distlstm.data.loader.stream_loader import StreamLoader
+from distlstm.tasks import get_task
+from distlstm.config import ConfigError
 
 
 @dataclass
@@ -86,7 +89,8 @@ class StateCarrier:
     def forward(self, model: nn.Module, piece: Piece) -> Tensor:
         """The piece's outputs; a carried state is stored detached for the next piece or batch."""
         if piece.resets is None:
-            return model(piece.inputs, piece.lengths, lengths_cpu=piece.lengths_cpu)
+            host = None if piece.lengths_cpu is None else HostLengths(piece.lengths_cpu)  # DDP moves tensors
+            return model(piece.inputs, piece.lengths, lengths_cpu=host)
         outputs, state = model(piece.inputs, piece.lengths, state=self.state, resets=piece.resets, with_state=True)
         # Detached: the next chunk's backward stops here (truncated BPTT) and frees this chunk's graph.
         self.state = (state[0].detach(), state[1].detach())
@@ -127,14 +131,11 @@ class RankState:
 
 def uses_stream(cfg: Any) -> bool:
     """Whether a run trains on the stream layout (an lm run with data.lm_mode=stream)."""
-    from distlstm.tasks import get_task
     return get_task(cfg.model.task).streams and cfg.data.lm_mode == "stream"
 
 
 def check_config(cfg: Any) -> None:
     """Refuse combinations the state carrying cannot honour, naming the keys."""
-    from distlstm.config import ConfigError
-    from distlstm.tasks import get_task
     task = get_task(cfg.model.task)
     if cfg.data.too_long == "chunk":
         if not task.per_step:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -27,17 +28,20 @@ from torch import nn
 from distlstm.run.autotune import resolve_auto
 from distlstm.config import Config, ConfigError
 from distlstm.data.shards.dims import DataDims
+from distlstm.data.shards.manifest import Manifest
 from distlstm.data.shards.index import DatasetIndex, default_cache_dir, open_index
 from distlstm.data.loader.batch_loader import BatchLoader, build_loader, plan_params, streams_for
 from distlstm.data.plan.epoch import EpochPlan
-from distlstm.data.sources import redact
+from distlstm.data.sources import network_options, read_bytes, redact
 from distlstm.run.graphs import use_training_stream
 from distlstm.data.loader.stream_loader import build_stream_loader
-from distlstm.models.lstm import SequenceModel, build_model, num_parameters
+from distlstm.models.lstm import SequenceModel, build_model, check_memory, host_memory_bytes, num_parameters
 from distlstm.distributed.parallel import AmpPolicy, all_reduce_host, apply_ddp, ddp_options
 from distlstm.run.bptt import check_config, uses_stream
 from distlstm.tasks import Task, get_task
 from distlstm.distributed.world import World
+from distlstm.run.trainer import build_optimizer
+from distlstm.data.prep.synthetic import ensure_synthetic
 
 INDEX_TIMEOUT_S = 3600
 
@@ -65,18 +69,33 @@ class Run:
         return self.model.spec
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """What the model and its training state may take on `device`: the GPU's memory, else the host's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return host_memory_bytes()
+
+
 def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Callable[[str], Any],
-              run_dir: Path | None = None, training: bool = True) -> Run:
+              run_dir: Path | None = None, training: bool = True, labelled: bool = True) -> Run:
     """Index, resolve, build. `training=False` (evaluate, predict): only data.valid is indexed and
     loaded, and there is no optimizer; the config must then already be resolved (a run's saved
-    config is) or data.valid must carry the sizes in its manifest."""
+    config is) or data.valid must carry the sizes in its manifest. `labelled=False` (predict): the
+    validation loader reads no labels (`Task.unlabelled`)."""
+    if training:
+        cfg = prepared_root_splits(cfg, log)
     train_index, valid_index = index_data(cfg, world, group, log, train=training)
     cfg = resolve_config(cfg, train_index if training else valid_index, valid_index=valid_index, log=log)
+    check_split_vocab(cfg, train_index, valid_index)
     check_config(cfg)
     _seed_everything(cfg.train.seed)
+    check_memory(cfg.model, budget_bytes=device_memory_bytes(device), training=training,
+                 tokens_per_batch=cfg.data.max_tokens if isinstance(cfg.data.max_tokens, int) and training else 0,
+                 where="config")
     model = build_model(cfg.model).to(device)
     log(f"model: {cfg.model.task}, {num_parameters(model):,} parameters")
     amp = AmpPolicy(cfg.train.precision, device)
+    log(f"precision: {amp.describe()}")
     if training:
         # train.cuda_graphs, data.shape_buckets, data.max_tokens = auto: resolved for this device.
         cfg = resolve_auto(cfg, device=device, model=model, amp=amp, group=group if world.is_distributed else None,
@@ -86,11 +105,17 @@ def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Ca
     # Each rank gets its own dropout stream; DDP broadcasts rank 0's initial weights.
     torch.manual_seed(cfg.train.seed + 1000 * world.rank)
     ddp_model = apply_ddp(model, world, device, **ddp_options(cfg.train)) if training else model
+    if ddp_model is not model:
+        opts = ddp_options(cfg.train)
+        log(f"ddp: DistributedDataParallel over {world.world_size} rank(s), {opts['bucket_mb']:g} MB buckets, "
+            f"static_graph {'on' if opts['static_graph'] else 'off'}")
     optimizer = scheduler = None
     if training:
-        from distlstm.run.trainer import build_optimizer
         optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps(cfg, train_index, world), device)
-    train_loader, valid_loader = build_loaders(cfg, world, device, group, run_dir, train_index, valid_index, log=log)
+    if not labelled and valid_index is not None:
+        valid_index.label_column = None
+    train_loader, valid_loader = build_loaders(cfg, world, device, group, run_dir, train_index, valid_index, log=log,
+                                               labelled=labelled)
     if train_loader is not None:
         log(f"data: plan: {train_loader.describe()}")
     return Run(cfg=cfg, world=world, device=device, group=group, model=model, ddp_model=ddp_model, amp=amp,
@@ -99,7 +124,8 @@ def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Ca
 
 
 def build_loaders(cfg: Config, world: World, device: torch.device, group, run_dir: Path | None,
-                  train_index: DatasetIndex | None, valid_index: DatasetIndex | None, log=print):
+                  train_index: DatasetIndex | None, valid_index: DatasetIndex | None, log=print,
+                  labelled: bool = True):
     """This rank's training loader (shuffled, workers, the plan-hash check across ranks) and
     validation loader (in order, in-process, one pass). lm stream mode: stream loaders over the
     contiguous token stream instead (distlstm/data/loader/stream_loader.py)."""
@@ -123,51 +149,143 @@ def build_loaders(cfg: Config, world: World, device: torch.device, group, run_di
               input_size=m.input_size if m.input == "features" else 0)  # what each chunk must hold
     train = build_loader(train_index, cfg.data, agree=agree if world.is_distributed else None,
                          max_epochs=cfg.train.max_epochs, **kw) if train_index is not None else None
+    valid_task = get_task(m.task) if labelled else get_task(m.task).unlabelled()
     valid = build_loader(valid_index, cfg.data, shuffle=False, max_epochs=1, num_workers=0,
-                         **kw) if valid_index is not None else None
+                         **{**kw, "task": valid_task}) if valid_index is not None else None
     return train, valid
 
 
 # ---------------------------------------------------------------------------------------------- data
 
 
-def load_data(cfg: Config, log, *, train: bool = True) -> tuple[DatasetIndex | None, DatasetIndex | None]:
+class IndexProgress:
+    """`progress(done, total)` for indexing: silent for the first 10 s, then a line every 10 s with
+    the shards done and an ETA (a cold index of a large remote dataset can take minutes)."""
+
+    def __init__(self, what: str, log, every_s: float = 10.0):
+        self.what, self.log, self.every_s = what, log, every_s
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s or done >= total:
+            return
+        self.last = now
+        eta = (now - self.started) / done * (total - done)
+        self.log(f"data: indexing {self.what}: {done}/{total} shards, {now - self.started:.0f} s, ETA {eta:.0f} s")
+
+
+def load_data(cfg: Config, log, *, train: bool = True, share: tuple[int, int] | None = None
+              ) -> tuple[DatasetIndex | None, DatasetIndex | None] | int:
     """Index the train (if `train`) and valid splits; the embedded synthetic dataset when data.train
-    is empty."""
+    is empty. With `share=(i, n)`, only fill the index cache with this rank's share of the shards
+    and return how many were read (see `index_data`)."""
     d = cfg.data
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
     train_spec, valid_spec = d.train, d.valid
     if not train_spec:
-        from distlstm.data.prep.synthetic import ensure_synthetic
         root = ensure_synthetic(cache, num_train=d.synthetic_samples)
         log(f"data: embedded synthetic dataset in {root}")
         train_spec, valid_spec = str(root / "train"), valid_spec or str(root / "valid")
     kw = dict(fmt=d.format, sequence_column=d.sequence_column, label_column=d.label_column, cache_dir=cache,
-              storage_options=d.storage_options, retries=d.retries, task=cfg.model.task,
+              storage_options=network_options(d.storage_options, connect_timeout_s=d.connect_timeout_s,
+                                              read_timeout_s=d.read_timeout_s),
+              retries=d.retries, task=cfg.model.task,
               whole_shard_max_mb=d.whole_shard_max_mb, verify=d.verify)
-    train_index = open_index(train_spec, **kw) if train else None
-    valid_index = open_index(valid_spec, **kw) if valid_spec else None
+    if share is not None:
+        return sum(open_index(spec, share=share, progress=IndexProgress(redact(spec), log), **kw)
+                   for spec in ([train_spec] if train else []) + ([valid_spec] if valid_spec else []))
+    train_index = open_index(train_spec, progress=IndexProgress(redact(train_spec), log), **kw) if train else None
+    valid_index = open_index(valid_spec, progress=IndexProgress(redact(valid_spec), log), **kw) if valid_spec else None
     parts = []
     if train_index is not None:
         parts.append(f"train {redact(train_spec)}: {train_index.num_samples} samples, {len(train_index.shards)} "
-                     f"shards, {int(train_index.lengths.astype(np.int64).sum())} tokens")
+                     f"shards, {train_index.num_tokens} tokens")
     if valid_index is not None:
         parts.append(f"valid {redact(valid_spec)}: {valid_index.num_samples} samples")
     log("data: " + "; ".join(parts or ["none"]))
     return train_index, valid_index
 
 
+def prepared_root_splits(cfg: Config, log) -> Config:
+    """data.train naming prep's output root (OUT, whose splits are OUT/train and OUT/valid) rather
+    than a split: train on OUT/train and, unless data.valid is given, validate on OUT/valid. The
+    config then names the splits, so the saved config (evaluate's default split) names them too."""
+    d = cfg.data
+    spec = d.train.rstrip("/")
+    opts = dict(storage_options=network_options(d.storage_options, connect_timeout_s=d.connect_timeout_s,
+                                                read_timeout_s=d.read_timeout_s), retries=d.retries)
+    name = spec.split("?")[0].lower()
+    if not spec or any(c in spec for c in "*?[{,") or name.endswith((".parquet", ".pq", ".tar", ".tgz", ".gz", ".json")):
+        return cfg  # files, globs, lists: not a folder that could be prep's output root
+    try:
+        if Manifest.find(spec, **opts) is not None or Manifest.find(f"{spec}/train", **opts) is None:
+            return cfg  # a split, or not a prepared root: open_index says what is wrong with the spec
+    except Exception:  # noqa: BLE001 -- unreadable spec: open_index reports it, naming what the user gave
+        return cfg
+    valid = d.valid or (f"{spec}/valid" if Manifest.find(f"{spec}/valid", **opts) is not None else "")
+    chosen = "given by data.valid" if d.valid else "none: no valid/ there" if not valid else redact(valid)
+    log(f"data: {redact(spec)} is a prepared dataset (distlstm.prep's output): training on {redact(spec)}/train, "
+        f"validating on {chosen}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, train=f"{spec}/train", valid=valid))
+
+
+def check_split_vocab(cfg: Config, train_index: DatasetIndex | None, valid_index: DatasetIndex | None) -> None:
+    """Before step 1: every split's token ids fit the model's vocabulary and mean the same tokens.
+    Without this a split prepped on its own (its own vocab.json, or larger ids) fails only when it
+    is first read, for valid after a whole epoch, with an error that blames the data."""
+    m = cfg.model
+    if m.input != "tokens" or not m.vocab_size:
+        return
+    splits = [(name, ix) for name, ix in (("data.train", train_index), ("data.valid", valid_index)) if ix is not None]
+    for name, ix in splits:
+        manifest = ix.manifest
+        size = manifest.vocab_size if manifest and manifest.vocab_size else None
+        if size is None and not (manifest and manifest.vocab):
+            size = DataDims(ix).vocab_size or None  # raw Parquet: its footers' statistics
+        if size is not None and size > m.vocab_size:
+            fix = ("prep it with the training split's vocabulary (distlstm.prep --vocab <train prep>/vocab.json)"
+                   if manifest and manifest.vocab else f"set --model.vocab_size {size} (or larger)")
+            raise ConfigError(f"{name} {redact(getattr(cfg.data, name.split('.')[1]))} holds token ids up to "
+                              f"{size - 1}, beyond model.vocab_size={m.vocab_size}; {fix}")
+    with_vocab = [ix for _, ix in splits if ix.manifest and ix.manifest.vocab]
+    if len(with_vocab) == 2:
+        files = [ix.manifest.resource(ix.manifest.vocab) for ix in with_vocab]
+        contents = {_vocab_bytes(url, ix) for url, ix in zip(files, with_vocab)} if files[0] != files[1] else set()
+    else:
+        contents = set()
+    if len(contents) == 2 and None not in contents:
+        raise ConfigError(f"data.train {redact(cfg.data.train)} and data.valid {redact(cfg.data.valid)} were prepped "
+                          f"with different vocabularies (their vocab.json differ), so the same id means different "
+                          f"tokens; prep data.valid again with the training split's vocabulary: distlstm.prep ... "
+                          f"--vocab <train prep>/vocab.json")
+
+
+def _vocab_bytes(url: str, ix: DatasetIndex) -> bytes | None:
+    try:
+        return read_bytes(url, storage_options=ix.storage_options, retries=ix.retries)
+    except FileNotFoundError:
+        return None
+
+
 def index_data(cfg: Config, world: World, group, log, *, train: bool = True):
-    """The leader indexes first (filling the shared cache), then the others (cache hits on a shared
-    cache folder). The waits are gloo barriers with a long timeout: indexing a large remote dataset
-    on a cold cache can take far longer than train.timeout_s, which bounds training collectives."""
+    """Every rank indexes 1/N of the shards into the index cache (rank r: shards r, r+N, ...), then
+    all open the whole index from it: one pass over a cold dataset between the ranks, not one per
+    rank, when the ranks share the cache folder (data.cache_dir; a node-local cache indexes the
+    other nodes' shares again). The waits are gloo barriers with a long timeout: indexing a large
+    remote dataset on a cold cache can take far longer than train.timeout_s, which bounds training
+    collectives."""
     if not world.is_distributed:
         return load_data(cfg, log, train=train)
     wait = lambda: dist.monitored_barrier(group=group, timeout=timedelta(seconds=INDEX_TIMEOUT_S))  # noqa: E731
-    result = load_data(cfg, log, train=train) if world.is_leader else None
+    read = load_data(cfg, log if world.is_leader else (lambda msg: None), train=train,
+                     share=(world.rank, world.world_size))
     wait()
-    if result is None:
-        result = load_data(cfg, log, train=train)
+    counts = [None] * world.world_size
+    dist.all_gather_object(counts, read, group=group)
+    if sum(counts):
+        log(f"data: indexing split across {world.world_size} ranks: {' + '.join(map(str, counts))} shards read")
+    result = load_data(cfg, log, train=train)
     wait()
     return result
 
@@ -227,7 +345,7 @@ def total_steps(cfg: Config, index: DatasetIndex, world: World) -> int:
     elif cfg.train.max_epochs:
         params = plan_params(cfg.data, streams=streams_for(cfg.data, index, dp_world_size=world.world_size))
         for epoch in range(cfg.train.max_epochs):
-            plan = EpochPlan(index.chunk_offsets, index.lengths, params, seed=cfg.data.seed, epoch=epoch)
+            plan = EpochPlan.of(index.chunk_lengths, params, seed=cfg.data.seed, epoch=epoch)
             epoch_steps += -(-plan.batches_per_rank(world.world_size) // cfg.train.accum_steps)
     if cfg.train.max_steps and epoch_steps:
         return min(cfg.train.max_steps, epoch_steps)

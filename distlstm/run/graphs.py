@@ -42,15 +42,16 @@ import torch
 
 from distlstm.config import ConfigError
 from distlstm.distributed.parallel import all_reduce_host, no_sync, unwrap
+from distlstm.run.bptt import uses_stream
 
 DDP_WARMUP_STEPS = 11
 """Eager DDP iterations before the first capture (PyTorch's CUDA graphs notes, "Usage with
 DistributedDataParallel"): DDP rebuilds its buckets and samples runtime statistics early on."""
 
 
-def graphs_decision(cfg, device: torch.device) -> tuple[bool, str]:
-    """(use CUDA graphs, why) for `train.cuda_graphs` auto|on|off; `on` where graphs cannot work
-    raises ConfigError naming the setting at fault."""
+def graphs_decision(cfg, device: torch.device, world_size: int = 1) -> tuple[bool, str]:
+    """(use CUDA graphs, why) for `train.cuda_graphs` auto|on|off on `world_size` ranks; `on` where
+    graphs cannot work raises ConfigError naming the setting at fault."""
     mode, t = cfg.train.cuda_graphs, cfg.train
 
     def refuse(why: str, fix: str) -> tuple[bool, str]:
@@ -62,6 +63,9 @@ def graphs_decision(cfg, device: torch.device) -> tuple[bool, str]:
         return False, "train.cuda_graphs=off"
     if device.type != "cuda":
         return refuse(f"needs a CUDA device (the device is {device.type})", "run on a GPU")
+    if world_size > 1 and t.backend == "gloo":
+        return refuse(f"cannot capture gloo's gradient all-reduce (train.backend=gloo, {world_size} ranks: a host "
+                      "operation, not a CUDA kernel)", "use --train.backend nccl (or auto)")
     if t.precision == "fp16":
         return refuse("does not support train.precision=fp16 (the GradScaler decides on the host whether a "
                       "step is skipped, one sync per step)", "use --train.precision bf16 (no scaler)")
@@ -71,7 +75,6 @@ def graphs_decision(cfg, device: torch.device) -> tuple[bool, str]:
     if t.debug:
         return refuse("does not work with train.debug (anomaly detection syncs with the host)",
                       "drop --train.debug")
-    from distlstm.run.bptt import uses_stream
     if uses_stream(cfg) or cfg.data.too_long == "chunk":
         # Not yet: the captured step would need the carried (h, c) and the reset columns as static buffers.
         return refuse("does not carry the LSTM state from one step or piece to the next (data.lm_mode=stream, "
@@ -151,6 +154,7 @@ class StepGraphs:
         if not_ready:
             self.seen.update(keys)
             self.eager_steps += 1
+            t.reduced_items = global_items  # the eager step uses it: one host all-reduce per step, not two
             return False
         scale = t.world.world_size / max(global_items, 1.0)
         # Capture what is missing first (capturing runs nothing), so that a failed capture leaves
@@ -158,6 +162,7 @@ class StepGraphs:
         for batch, key in zip(micro_batches, keys):
             if key not in self.graphs and not self._capture(key, batch, scale):
                 self.eager_steps += 1
+                t.reduced_items = global_items
                 return False
         for batch, key in zip(micro_batches, keys):
             static = self.graphs[key]

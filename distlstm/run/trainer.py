@@ -23,6 +23,8 @@ from distlstm.distributed.parallel import AmpPolicy, all_reduce_host, no_sync, u
 from distlstm.run.bptt import RankState, StateCarrier
 from distlstm.tasks import Task
 from distlstm.distributed.world import World
+from distlstm.run.best import Watch
+from distlstm.checkpoint.codec import RngState
 
 
 def lr_lambda(optim_cfg, max_steps: int):
@@ -104,6 +106,8 @@ class Trainer:
         self._clock = time.perf_counter()
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.item_sum = 0.0
+        self.last_eval_s = 0.0
+        """Wall time of the latest evaluation (`evaluate`)."""
         self.last_micro: list[Batch] = []
         self.flops_per_token = flops_per_token(unwrap(model))
         if isinstance(scheduler, PlateauSchedule) and (valid_loader is None or not cfg.train.eval_every):
@@ -112,7 +116,8 @@ class Trainer:
                               "optim.schedule=constant|cosine")
         self.graphs = None
         """A distlstm.run.graphs.StepGraphs when train.cuda_graphs is on: it runs the steps it can replay."""
-        from distlstm.run.best import Watch
+        self.reduced_items: float | None = None
+        """This step's global item count, when StepGraphs.step has all-reduced it before choosing eager."""
         self.watch = Watch(cfg, self.task, has_valid=valid_loader is not None)
         self.carry = StateCarrier.for_loader(train_loader, device)
 
@@ -133,7 +138,10 @@ class Trainer:
         # micro-batches on all ranks. Dividing per micro-batch (or per rank) would weight short
         # batches more and make accumulation or world size change the gradient.
         local_items = float(sum(self.task.item_count(b) for b in micro_batches))
-        (global_items,) = all_reduce_host([local_items], self.group)
+        if self.reduced_items is not None:  # StepGraphs.step already summed them (and chose eager)
+            global_items, self.reduced_items = self.reduced_items, None
+        else:
+            (global_items,) = all_reduce_host([local_items], self.group)
         # DDP averages gradients over ranks; multiply by world size to undo that average.
         scale = self.world.world_size / max(global_items, 1.0)
         for i, host_batch in enumerate(micro_batches):
@@ -223,6 +231,7 @@ class Trainer:
             early = False
             if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
                 result = self.evaluate()
+                interval.eval_s += self.last_eval_s  # reported in the valid record, not as training time
                 self._observe_plateau(result)
                 early = self._after_eval(result)
             stop, due = self._agree_flags(last_save)
@@ -257,11 +266,13 @@ class Trainer:
             self.save()
         return stop
 
-    def _flush_counters(self) -> None:
+    def _flush_counters(self, skipped_steps: int | None = None) -> None:
         """Bring the run counters up to date (at the log cadence and before every save, so a
         checkpoint holds exact totals): tokens and skipped samples summed over ranks, skipped
-        optimizer steps (which also come off the LR schedule), wall time."""
-        skipped_steps = int(self.skipped_dev)
+        optimizer steps (which also come off the LR schedule), wall time. `skipped_steps`: the
+        device counter already read by the caller (`_log_interval`'s one read), else read here."""
+        if skipped_steps is None:
+            skipped_steps = int(self.skipped_dev)
         self.skipped_dev.zero_()
         tokens, skipped, samples = all_reduce_host(
             [self._pending_tokens, self._pending_skipped, self._pending_samples], self.group)
@@ -313,18 +324,24 @@ class Trainer:
 
     def _log_interval(self, interval: "_Interval") -> None:
         """The one place the step's device values reach the host (besides fp16's scale check)."""
-        elapsed = time.perf_counter() - interval.started
-        loss_sum = float(self.loss_sum)
-        bad_run = int(self.bad_run)
+        # Read first, time after. On a GPU the host runs ahead of the kernels (with CUDA graphs, one
+        # launch per step, by up to log.every_steps steps) and this read waits for them: the time
+        # taken before it would measure how fast steps were queued, not how fast they ran.
+        loss_sum, bad_run, grad_norm, skipped_steps = self._read_device_values()
+        # Evaluation inside the interval is not training time (the valid record has its eval_s).
+        elapsed = time.perf_counter() - interval.started - interval.eval_s
         sums = all_reduce_host([loss_sum, self.item_sum, interval.real, interval.padded, interval.skipped],
                                self.group)
         self.loss_sum.zero_()
         self.item_sum = 0.0
-        self._flush_counters()
+        self._flush_counters(skipped_steps)
         if bad_run >= self.cfg.train.max_bad_steps:
             raise NonFiniteError(self._diagnose_nonfinite(bad_run))
         values = {"loss": sums[0] / max(sums[1], 1.0), "lr": self.scheduler.get_last_lr()[0],
-                  "grad_norm": float(self.grad_norm), "tokens_per_s": sums[2] / max(elapsed, 1e-9),
+                  "grad_norm": grad_norm, "tokens_per_s": sums[2] / max(elapsed, 1e-9),
+                  # Real tokens of the interval, all ranks: with the records' times (taken after the
+                  # device read above, so after the interval's steps ran) a wall-clock rate over any span.
+                  "tokens": int(sums[2]),
                   "padding": 1.0 - sums[2] / max(sums[3], 1.0), "data_wait": interval.data_wait / max(elapsed, 1e-9),
                   "skipped_samples": int(sums[4]), "epoch": self.train_loader.epoch,
                   # Model FLOPs on real tokens (padding excluded), all ranks: divide by the peak for MFU.
@@ -333,6 +350,13 @@ class Trainer:
             values["loss_scale"] = self.amp.scaler.get_scale()
         if self.reporter:
             self.reporter.log("train", self.state.step, values)
+
+    def _read_device_values(self) -> tuple[float, int, float, int]:
+        """(summed loss, consecutive non-finite steps, last gradient norm, skipped optimizer steps):
+        one device->host copy for the four, so one wait for the queued steps instead of four."""
+        values = torch.stack([self.loss_sum, self.bad_run.double(), self.grad_norm.double(),
+                              self.skipped_dev.double()]).tolist()
+        return values[0], int(values[1]), values[2], int(values[3])
 
     def _diagnose_nonfinite(self, bad_run: int) -> str:
         """Re-run the last micro-batch with hooks to name the first module whose output or gradient
@@ -368,12 +392,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
+        """The validation summary (keys `valid_*`); its record also has `eval_s`, the evaluation's wall
+        time, which `fit` keeps out of the training interval's throughput (`self.last_eval_s`)."""
+        self.last_eval_s = 0.0
         if self.valid_loader is None:
             return {}
+        if self.device.type == "cuda":
+            # Training steps still queued on the device are training time: let them finish first.
+            torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
         values = evaluate_model(self.model, self.valid_loader, amp=self.amp, device=self.device, group=self.group,
                                 max_batches=self.cfg.train.eval_max_batches)
+        # evaluate_model ends with a host read of its sums, so its work is done by now.
+        self.last_eval_s = time.perf_counter() - started
         if self.reporter:
-            self.reporter.log("valid", self.state.step, values)
+            self.reporter.log("valid", self.state.step, {**values, "eval_s": self.last_eval_s})
         return {f"valid_{k}": v for k, v in values.items()}
 
     def _observe_plateau(self, result: dict) -> None:
@@ -390,7 +423,6 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
         """What a checkpoint holds, as components the CheckpointManager saves and restores in place."""
-        from distlstm.checkpoint.codec import RngState
         extra = {"train": self.state, "scheduler": self.scheduler, "loader": self.train_loader}
         if self.amp.scaler is not None:
             extra["scaler"] = self.amp.scaler
@@ -425,6 +457,8 @@ class _Interval:
         self.started = time.perf_counter()
         self.real = self.padded = self.skipped = 0
         self.data_wait = 0.0
+        self.eval_s = 0.0
+        """Seconds of evaluation inside the interval: not training time."""
         self.steps = 0
 
     def add(self, batch: Batch) -> None:
