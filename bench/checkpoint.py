@@ -177,7 +177,7 @@ def bench_resume(tmp: Path, samples: int, repeats: int) -> dict:
                                 num_workers=workers)
 
         loader = fresh()
-        plan = EpochPlan(index.chunk_offsets, index.lengths, loader.params, seed=loader.seed, epoch=0)
+        plan = EpochPlan(index.chunk_offsets, index.sample_lengths(), loader.params, seed=loader.seed, epoch=0)
         total = plan.num_batches
         times = {}
         for frac in (0.01, 0.99):

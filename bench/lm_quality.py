@@ -20,13 +20,17 @@ embeddings, between the layers and before the head), in one run:
   (b') (run "d") windows mode as a user ran it before stream mode: (b) with distlstm's default
       optimizer (AdamW lr 3e-3, weight decay 0.01, 30 warmup steps, cosine, clip 1), the setting of
       the issue's observation ("1.5x higher, and then it rose").
+  (e) distlstm stream mode with no optimizer or dropout flags: `--model.task lm` and the model's
+      shape only, so the lm task's default recipe (`LanguageModel.config_defaults`: SGD lr 20, clip
+      0.25, cosine, dropout 0.2 on the embeddings, between the layers and before the head).
 
 Prints the validation perplexities, best and last (one evaluation per epoch; (a) and (c)
 carry the state over the whole validation stream in 20 rows, (b) and (b') evaluate each window from a
 zero state, as that mode trains), and checks the targets on the best of each run (the textbook protocol:
 pytorch/examples keeps the model of its best epoch; at lr 20 one epoch's perplexity moves by several
 percent, and 12 epochs let the plateau schedule settle: 2 seeds of (c) ended 1.8% apart). The
-targets: (a) within 3% of (c), and (a) at least 15% below (b), printed against (b') too. Exit status
+targets: (a) within 3% of (c), (a) at least 15% below (b), printed against (b') too, and (e) within 10%
+of (a) and of (c) (issue 21: the defaults learn as well as the classic recipe). Exit status
 0 either way (a measurement, not a gate).
 """
 
@@ -180,7 +184,7 @@ def windows_steps_per_epoch(split: Path, bsz: int, bptt: int) -> int:
     from distlstm.data.plan.epoch import EpochPlan, PlanParams
     index = open_index(str(split), cache_dir=split.parent.parent / "cache")
     params = PlanParams(max_tokens=bsz * (bptt + 1), min_batch_size=bsz, max_batch_size=bsz, max_length=bptt + 1)
-    return EpochPlan(index.chunk_offsets, index.lengths, params, seed=1234, epoch=0).num_batches
+    return EpochPlan(index.chunk_offsets, index.sample_lengths(), params, seed=1234, epoch=0).num_batches
 
 
 def main() -> int:
@@ -193,8 +197,9 @@ def main() -> int:
     ap.add_argument("--textbook-init", action="store_true", help="(c) initialised as pytorch/examples does, "
                     "not as distlstm does")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
-    ap.add_argument("--runs", default="abcd", help="which runs to train (a, b, c as above; d: (b') windows mode "
-                    "with distlstm's default optimizer); the targets are printed for the pairs that ran")
+    ap.add_argument("--runs", default="abcde", help="which runs to train (a, b, c as above; d: (b') windows mode "
+                    "with distlstm's default optimizer; e: the lm defaults); the targets are printed for the pairs "
+                    "that ran")
     ap.add_argument("--work", default="bench-lm-quality", help="scratch folder (prepared data, run directories)")
     a = ap.parse_args()
     if not TEXT.is_file():
@@ -211,11 +216,11 @@ def main() -> int:
     vocab = json.loads((work / "stream" / "train" / "manifest.json").read_text())["vocab_size"]
     steps_per_epoch = -(-(len(train_ids) - 1) // (bsz * bptt))
     windows_steps = windows_steps_per_epoch(work / "windows" / "train", bsz, bptt)
-    run_args = ["--model.task", "lm", "--model.embed_size", str(a.hidden), "--model.hidden_size", str(a.hidden),
-                "--model.num_layers", str(a.layers), "--model.dropout", str(a.dropout),
-                "--model.embed_dropout", str(a.dropout), "--train.max_steps", "0", "--train.max_epochs", str(a.epochs),
-                "--data.num_workers", "1", "--log.progress", "false", "--log.tensorboard", "false",
-                "--log.every_steps", "50", "--checkpoint.at_end", "false", "--train.threads", str(a.threads)]
+    shape_args = ["--model.task", "lm", "--model.embed_size", str(a.hidden), "--model.hidden_size", str(a.hidden),
+                  "--model.num_layers", str(a.layers), "--train.max_steps", "0", "--train.max_epochs", str(a.epochs),
+                  "--data.num_workers", "1", "--log.progress", "false", "--log.tensorboard", "false",
+                  "--log.every_steps", "50", "--checkpoint.at_end", "false", "--train.threads", str(a.threads)]
+    run_args = [*shape_args, "--model.dropout", str(a.dropout), "--model.embed_dropout", str(a.dropout)]
     classic = ["--optim.name", "sgd", "--optim.lr", "20", "--optim.weight_decay", "0", "--optim.warmup_steps", "0",
                "--optim.grad_clip", "0.25", "--optim.schedule", "plateau", "--optim.plateau_factor", "0.25",
                "--optim.plateau_patience", "1"]
@@ -231,6 +236,9 @@ def main() -> int:
         results["b"] = distlstm_run("b-windows", work / "windows", [*classic, *windows], run_args, work, env)
     if "d" in a.runs:  # distlstm's default optimizer: AdamW, warmup, cosine, clip 1
         results["d"] = distlstm_run("d-windows-defaults", work / "windows", windows, run_args, work, env)
+    if "e" in a.runs:  # the lm task's defaults: no optimizer or dropout flag
+        results["e"] = distlstm_run("e-stream-lm-defaults", work / "stream", [
+            "--train.eval_every", str(steps_per_epoch)], shape_args, work, env)
     if "c" in a.runs:
         start = time.perf_counter()
         curve = [math.exp(v) for v in reference(
@@ -244,7 +252,7 @@ def main() -> int:
           f"{a.dropout}, SGD lr 20, clip 0.25, lr/4 on plateau, batch {bsz}, bptt {bptt}, {a.epochs} epochs")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
     names = {"a": "(a) distlstm stream", "b": "(b) distlstm windows", "c": "(c) textbook loop",
-             "d": "(b') windows, defaults"}
+             "d": "(b') windows, defaults", "e": "(e) stream, lm defaults"}
     print(f"{'run':24s} {'best ppl':>9s} {'last ppl':>9s} {'train tokens':>13s} {'steps':>6s} {'seconds':>8s}  "
           "per-epoch valid ppl")
     for k, r in results.items():
@@ -263,6 +271,11 @@ def main() -> int:
         a_d = results["a"]["ppl"] / results["d"]["ppl"]
         print(f"(a)/(b') = {a_d:.3f}  target <= 0.85: {'PASS' if a_d <= 0.85 else 'FAIL'}  (windows mode with "
               "distlstm's default optimizer, as the issue's user ran it before stream mode)")
+    for ref in "ac":
+        if "e" in results and ref in results:
+            ratio = results["e"]["ppl"] / results[ref]["ppl"]
+            print(f"(e)/({ref}) = {ratio:.3f}  target <= 1.10: {'PASS' if ratio <= 1.10 else 'FAIL'}  (the lm "
+                  f"defaults against {names[ref]})")
     return 0
 
 

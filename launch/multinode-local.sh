@@ -2,7 +2,7 @@
 # Two torchrun "nodes" on one machine: the multi-node code path (c10d rendezvous, node ranks,
 # GROUP_RANK) without a cluster. Each node runs NPROC workers (default 1; gloo on CPU).
 #
-#   launch/multinode-local.sh --config configs/x.toml --train.max_steps 20
+#   launch/multinode-local.sh --config configs/shakespeare-char.toml --train.max_steps 20
 #   NPROC=2 PORT=29600 launch/multinode-local.sh ...
 set -uo pipefail
 PORT=${PORT:-29555}

@@ -187,3 +187,13 @@ def test_auto_max_tokens_probe_fits_and_leaves_the_model_alone():
     assert torch.equal(torch.cuda.get_rng_state(), rng)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), weights))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_prefetch_copies_on_one_stream_per_device_every_epoch():
+    """Issue 18 defect 9: the copy stream is taken once per device, not from the pool each epoch
+    (where it could be the stream the graphed step runs on)."""
+    from distlstm.data.loader.prefetch import copy_stream
+    device = torch.device("cuda", torch.cuda.current_device())
+    first = copy_stream(device)
+    assert copy_stream(device) is first and copy_stream(torch.device("cuda")) is first
+    assert first != torch.cuda.current_stream(device)
