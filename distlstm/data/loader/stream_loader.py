@@ -3,8 +3,8 @@
 
 A batch holds, for each of this rank's B rows, the next chunk's inputs and targets, and `reset`: the
 columns before which the LSTM state of that row must be zeroed (a document or a discontinuous
-stretch of the stream starts there; in training also at random chunk starts, `data.state_reset`). The trainer carries the state from one batch to the next
-(distlstm/run/bptt.py).
+stretch of the stream starts there; in training also random chunk starts, `data.state_reset`). The
+trainer carries the state from one batch to the next (distlstm/run/bptt.py).
 
 Reading: each row moves through the data sequentially, so a process keeps the few decoded chunks
 (Parquet row groups, tar shards) its rows are in, about 2 per row. At most one DataLoader worker:
