@@ -130,11 +130,19 @@ class DataConfig:
                               "other modes size batches by data.max_tokens")
     bptt_jitter: bool = opt(False, "lm stream mode: AWD-LSTM variable chunk length (data.bptt, or half of it "
                                    "1 time in 20, plus N(0, 5) noise, at least 5)")
+    state_reset: float = opt(0.05, "lm stream mode, training: probability that a row's carried LSTM state is "
+                                   "zeroed before a chunk, on top of document starts, so the model also learns "
+                                   "to start from a zero state (what generation from a short prompt does); "
+                                   "drawn per (data.seed, epoch, chunk, row), so resumes and any number of "
+                                   "ranks see the same resets; 0 = only at document starts; in [0, 1)")
 
     def __post_init__(self) -> None:
         _check_choices("data", self)
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        if not 0.0 <= self.state_reset < 1.0:  # also rejects nan
+            raise ConfigError(f"data.state_reset={self.state_reset!r} must be in [0, 1) (a probability per row "
+                              f"and chunk; 0 = reset the LSTM state only at document starts)")
         _positive("data", self, "max_tokens", "min_batch_size", "max_length", "window_chunks", "prefetch_factor",
                   "streams", "synthetic_samples", "whole_shard_max_mb", "connect_timeout_s", "read_timeout_s",
                   "bptt", "batch_size")

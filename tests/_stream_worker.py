@@ -23,6 +23,7 @@ def main() -> int:
     ap.add_argument("--cache", required=True)
     ap.add_argument("--global-rows", type=int, required=True)
     ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--state-reset", type=float, default=0.0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     world = detect_world()
@@ -30,7 +31,8 @@ def main() -> int:
     cfg = Config(model=ModelConfig(task="lm", input="tokens", hidden_size=16, embed_size=8, num_layers=2),
                  train=TrainConfig(accum_steps=args.accum))
     index = open_index(args.data, cache_dir=args.cache)
-    loader = StreamLoader(index, StreamParams(batch_size=args.global_rows // world.world_size, bptt=6), seed=0,
+    loader = StreamLoader(index, StreamParams(batch_size=args.global_rows // world.world_size, bptt=6,
+                                                    state_reset=args.state_reset), seed=0,
                           dp_rank=world.rank, dp_world_size=world.world_size, max_epochs=1)
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=40, input_size=0, num_classes=0).double()

@@ -66,14 +66,14 @@ def test_ddp_static_graph_and_small_buckets_keep_the_gradient(tmp_path):
     assert_close(two_ranks, one_rank)
 
 
-def run_stream_step(tmp_path: Path, *, nproc: int, global_rows: int = 6) -> dict:
+def run_stream_step(tmp_path: Path, *, nproc: int, global_rows: int = 6, state_reset: float = 0.0) -> dict:
     from tests._stream_data import documents, write_stream_parquet
     data = tmp_path / "stream" / "s.parquet"
     if not data.exists():
         write_stream_parquet(data, documents(40, seed=9, min_len=5, max_len=40, vocab=40), piece=13, rows_per_group=6)
-    out = tmp_path / f"stream-grads-{nproc}.pt"
+    out = tmp_path / f"stream-grads-{nproc}-{state_reset}.pt"
     worker = [str(ROOT / "tests" / "_stream_worker.py"), "--data", str(data), "--cache", str(tmp_path / "cache"),
-              "--global-rows", str(global_rows), "--out", str(out)]
+              "--global-rows", str(global_rows), "--state-reset", str(state_reset), "--out", str(out)]
     cmd = [sys.executable] + worker if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
         *worker]
@@ -83,10 +83,13 @@ def run_stream_step(tmp_path: Path, *, nproc: int, global_rows: int = 6) -> dict
     return torch.load(out, weights_only=True)
 
 
-def test_two_rank_stream_gradients_equal_one_rank(tmp_path):
+@pytest.mark.parametrize("state_reset", [0.0, 0.4])
+def test_two_rank_stream_gradients_equal_one_rank(tmp_path, state_reset):
     """lm stream mode: 2 ranks x 3 rows equal 1 rank x 6 rows, in the second step (the LSTM state
-    carried across chunks and steps; documents reset it), with accumulation over 2 chunks."""
-    assert_close(run_stream_step(tmp_path, nproc=2), run_stream_step(tmp_path, nproc=1))
+    carried across chunks and steps; documents reset it, and with data.state_reset random chunk
+    starts, drawn per global row), with accumulation over 2 chunks."""
+    assert_close(run_stream_step(tmp_path, nproc=2, state_reset=state_reset),
+                 run_stream_step(tmp_path, nproc=1, state_reset=state_reset))
 
 
 def test_per_micro_batch_normalisation_would_be_caught(tmp_path):

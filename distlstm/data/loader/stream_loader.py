@@ -3,8 +3,8 @@
 
 A batch holds, for each of this rank's B rows, the next chunk's inputs and targets, and `reset`: the
 columns before which the LSTM state of that row must be zeroed (a document or a discontinuous
-stretch of the stream starts there). The trainer carries the state from one batch to the next
-(distlstm/run/bptt.py).
+stretch of the stream starts there; in training also random chunk starts, `data.state_reset`). The
+trainer carries the state from one batch to the next (distlstm/run/bptt.py).
 
 Reading: each row moves through the data sequentially, so a process keeps the few decoded chunks
 (Parquet row groups, tar shards) its rows are in, about 2 per row. At most one DataLoader worker:
@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from distlstm.data.batch import Batch
 from distlstm.data.errors import BadSampleError
 from distlstm.data.shards.index import DatasetIndex
-from distlstm.data.plan.stream import DOC_START_COLUMN, StreamLayout, StreamParams
+from distlstm.data.plan.stream import DOC_START_COLUMN, StreamLayout, StreamParams, state_resets
 from distlstm.data.loader.workers import ship_failures, worker_batches
 from distlstm.tasks import IGNORE_INDEX
 
@@ -146,7 +146,9 @@ class _StreamDataset(IterableDataset):
             for start, length in layout.chunk_offsets(self.params, seed=self.seed, epoch=epoch, relayouts=relayouts,
                                                       offset=offset):
                 if k % workers == worker:
-                    yield build_batch(store, layout, self.mine, start, length, epoch=epoch)
+                    also = state_resets(self.params, seed=self.seed, epoch=epoch, relayouts=relayouts,
+                                        offset=start, rows=self.rows, mine=self.mine)
+                    yield build_batch(store, layout, self.mine, start, length, epoch=epoch, also_reset=also)
                 k += 1
             epoch, relayouts, segments, offset = epoch + 1, 0, None, 0
 
@@ -157,8 +159,10 @@ def make_layout(num_tokens: int, rows: int, segments: np.ndarray | None) -> Stre
 
 
 def build_batch(store: TokenStore, layout: StreamLayout, rows: np.ndarray, offset: int, length: int, *,
-                epoch: int) -> Batch:
-    """The chunk `[offset, offset + length)` of `rows`: inputs, targets, lengths, resets (numpy)."""
+                epoch: int, also_reset: np.ndarray | None = None) -> Batch:
+    """The chunk `[offset, offset + length)` of `rows`: inputs, targets, lengths, resets (numpy).
+    `also_reset` (one bool per row): rows whose state is also zeroed before the chunk's first column
+    (`data.state_reset`, drawn by `state_resets`)."""
     pos, valid, seam = layout.positions(rows, offset, length)
 
     def at(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # past a row's end: 0 / False, nothing read
@@ -172,7 +176,10 @@ def build_batch(store: TokenStore, layout: StreamLayout, rows: np.ndarray, offse
     # A document's first token is not predicted (its context is another document), and the state is
     # zeroed before a document's first token goes in.
     targets = np.where(valid & ~doc, tok, IGNORE_INDEX).astype(np.int64)
-    reset = (seam | prev_doc) & valid
+    reset = seam | prev_doc
+    if also_reset is not None:
+        reset[:, 0] |= also_reset
+    reset &= valid
     lengths = valid.sum(axis=1).astype(np.int64)
     first = np.where(valid[:, 0], store.sample_at(pos[:, 0]), -1).astype(np.int64)
     return Batch(inputs, lengths, targets, first, weight=1.0, epoch=epoch, consumed=offset + length,
@@ -323,8 +330,11 @@ class StreamLoader:
 def build_stream_loader(index: DatasetIndex, data_cfg, *, dp_rank: int, dp_world_size: int, vocab_size: int,
                         pin_memory: bool, agree=None, max_epochs: int = 0, num_workers: int | None = None,
                         log: Callable[[str], object] = print, split: str = "train") -> StreamLoader:
+    """The stream loader of `split` with the data.* settings. data.state_reset applies to training
+    only: evaluation carries the state over the whole stream (the standard perplexity)."""
     check_stream_data(index, split, log)
-    params = StreamParams(batch_size=data_cfg.batch_size, bptt=data_cfg.bptt, jitter=data_cfg.bptt_jitter)
+    params = StreamParams(batch_size=data_cfg.batch_size, bptt=data_cfg.bptt, jitter=data_cfg.bptt_jitter,
+                          state_reset=data_cfg.state_reset if split == "train" else 0.0)
     return StreamLoader(index, params, seed=data_cfg.seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
                         num_workers=data_cfg.num_workers if num_workers is None else num_workers,
                         prefetch_factor=data_cfg.prefetch_factor, pin_memory=pin_memory, max_epochs=max_epochs,

@@ -13,7 +13,8 @@ length (they differ by at most one target), in order. Rank `r` owns rows `r*B ..
 Every step consumes the next `bptt` targets of every row (`chunk_length`), so all ranks run the same
 number of steps, and the whole stream is trained exactly once per epoch: every target in exactly
 one row, at exactly one step. The state is carried across steps along each row and zeroed where a
-row crosses a segment boundary (the stream is discontinuous there).
+row crosses a segment boundary (the stream is discontinuous there), and, in training, before a
+chunk with probability `data.state_reset` per row (`state_resets`).
 
 Resume state: `(epoch, segments, rows, offset)`, where `offset` is the number of targets of every row
 already consumed. On the same number of rows the run continues exactly, carried state included. On
@@ -44,13 +45,21 @@ class StreamParams:
     """Targets per row per step."""
     jitter: bool = False
     """AWD-LSTM variable chunk lengths (see `chunk_length`)."""
+    state_reset: float = 0.0
+    """Probability that a row's carried state is zeroed before a chunk (see `state_resets`); 0 = only
+    at document starts and seams."""
 
     def __post_init__(self) -> None:
         if min(self.batch_size, self.bptt) < 1:
             raise ValueError(f"stream parameters must be positive: {self}")
+        if not 0.0 <= self.state_reset < 1.0:  # also rejects nan
+            raise ValueError(f"state_reset={self.state_reset!r} must be in [0, 1): {self}")
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if not self.state_reset:
+            del fields["state_reset"]  # off: the fingerprint of the parameters before the option existed
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def chunk_length(params: StreamParams, *, seed: int, epoch: int, relayouts: int, offset: int) -> int:
@@ -62,6 +71,23 @@ def chunk_length(params: StreamParams, *, seed: int, epoch: int, relayouts: int,
     rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, relayouts, offset, 0x57])
     base = params.bptt if rng.random() < 0.95 else params.bptt / 2
     return int(min(params.bptt + 20, max(min(5, params.bptt), int(rng.normal(base, 5)))))
+
+
+def state_resets(params: StreamParams, *, seed: int, epoch: int, relayouts: int, offset: int, rows: int,
+                 mine: np.ndarray) -> np.ndarray:
+    """Which of the rows `mine` (global row numbers, of the layout's `rows`) have their carried state
+    zeroed before the chunk that starts at `offset`: each row with probability `params.state_reset`,
+    independently, on top of document starts and seams. So that training also sees a zero state with
+    ordinary context after it, which is where generation from a short prompt starts (a one-document
+    text otherwise almost never resets). The draw comes from a generator keyed by the chunk (seed,
+    epoch, relayouts, offset) and covers every row of the layout, each rank keeping its own: the same
+    on every rank and worker, for any split of the rows over ranks, and again after a resume, like
+    `chunk_length`. All False when `state_reset` is 0 (nothing drawn)."""
+    mine = np.asarray(mine, dtype=np.int64)
+    if not params.state_reset:
+        return np.zeros(mine.shape, bool)
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, relayouts, offset, 0x5E7])
+    return rng.random(rows)[mine] < params.state_reset
 
 
 def merge_segments(segments: np.ndarray) -> np.ndarray:
