@@ -220,7 +220,7 @@ def main() -> int:
           f"{cfg.embed_size} hidden {cfg.hidden_size} x {cfg.num_layers} layers")
     tmp = Path(tempfile.mkdtemp(prefix="distlstm-bench-ckpt-", dir=args.dir))
     try:
-        a = bench_save_load(tmp, cfg, vocab, repeats)
+        bench_save_load(tmp, cfg, vocab, repeats)
         b = bench_stall(tmp, cfg, vocab, steps_after=3, batch=lm_batch(vocab, 4, 32))
         c = bench_resume(tmp, samples, repeats=max(repeats, 3))
     finally:
