@@ -66,11 +66,15 @@ def test_console_scripts_and_modules_start():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for name in (*COMMANDS, "data.prep", "config"):
-        proc = subprocess.run([sys.executable, "-m", f"distlstm.{name}", "--help"], capture_output=True, text=True,
-                              env=env, timeout=120)
-        assert proc.returncode == 0, (name, proc.stderr[-2000:])
-        assert proc.stdout.strip(), name
+    # Started two at a time (CI has 2 cores; each is mostly `import torch` on one of them).
+    names = [*COMMANDS, "data.prep", "config"]
+    for pair in (names[i:i + 2] for i in range(0, len(names), 2)):
+        procs = {name: subprocess.Popen([sys.executable, "-m", f"distlstm.{name}", "--help"], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env) for name in pair}
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, (name, err[-2000:])
+            assert out.strip(), name
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict", "export", "generate"])
