@@ -118,7 +118,9 @@ def reference(train_ids, valid_ids, *, vocab, size, layers, dropout, epochs, lr,
     valid = batchify(torch.as_tensor(valid_ids), bsz).to(device)
     model = RNNModel(vocab, size, size, layers, dropout, textbook_init).to(device)
     best, losses = None, []
+    speed = {"train_tokens": 0, "train_s": 0.0, "eval_tokens": 0, "eval_s": 0.0}
     for _ in range(epochs):
+        started = time.perf_counter()
         model.train()
         hidden = None
         for i in range(0, train.size(0) - 1, bptt):
@@ -130,13 +132,18 @@ def reference(train_ids, valid_ids, *, vocab, size, layers, dropout, epochs, lr,
             nn.utils.clip_grad_norm_(model.parameters(), clip)
             for p in model.parameters():
                 p.data.add_(p.grad, alpha=-lr)
+            speed["train_tokens"] += y.numel()
+        speed["train_s"] += time.perf_counter() - started
+        started = time.perf_counter()
         val = evaluate(model, valid, bptt, bsz)
+        speed["eval_s"] += time.perf_counter() - started
+        speed["eval_tokens"] += valid.size(0) * bsz - bsz  # the targets evaluate() scores
         losses.append(val)
         if best is None or val < best:
             best = val
         else:
             lr /= 4.0
-    return losses
+    return losses, speed
 
 
 # ----------------------------------------------------------------------------------- data and distlstm runs
@@ -173,8 +180,20 @@ def distlstm_run(name: str, data: Path, extra: list[str], common: list[str], wor
     losses = [r["loss"] for r in valid if r["kind"] == "valid"]
     curve = [math.exp(v) for v in losses]
     assert math.isclose(curve[-1], final["valid_perplexity"], rel_tol=1e-6), (curve[-1], final)
+    # Training rate from the log intervals (each record's tokens over its own tokens/s, which leaves
+    # out evaluation time); evaluation rate from the validation records' targets and eval_s.
+    train = [r for r in valid if r["kind"] == "train" and r.get("tokens_per_s")]
+    evals = [r for r in valid if r["kind"] == "valid"]
+    speed = {"train_tokens": sum(r["tokens"] for r in train),
+             "train_s": sum(r["tokens"] / r["tokens_per_s"] for r in train),
+             "eval_tokens": sum(r["items"] for r in evals), "eval_s": sum(r["eval_s"] for r in evals)}
     return {"ppl": min(curve), "last": curve[-1], "tokens": final["tokens"], "steps": final["step"],
-            "seconds": time.perf_counter() - start, "curve": curve}
+            "seconds": time.perf_counter() - start, "curve": curve, **rates(speed)}
+
+
+def rates(speed: dict) -> dict:
+    return {"train_tok_s": speed["train_tokens"] / max(speed["train_s"], 1e-9),
+            "eval_tok_s": speed["eval_tokens"] / max(speed["eval_s"], 1e-9)}
 
 
 def windows_steps_per_epoch(split: Path, bsz: int, bptt: int) -> int:
@@ -241,11 +260,13 @@ def main() -> int:
             "--train.eval_every", str(steps_per_epoch)], shape_args, work, env)
     if "c" in a.runs:
         start = time.perf_counter()
-        curve = [math.exp(v) for v in reference(
+        losses, speed = reference(
             train_ids, valid_ids, vocab=vocab, size=a.hidden, layers=a.layers, dropout=a.dropout, epochs=a.epochs,
-            lr=20.0, clip=0.25, bptt=bptt, bsz=bsz, seed=0, textbook_init=a.textbook_init)]
+            lr=20.0, clip=0.25, bptt=bptt, bsz=bsz, seed=0, textbook_init=a.textbook_init)
+        curve = [math.exp(v) for v in losses]
         results["c"] = {"ppl": min(curve), "last": curve[-1], "tokens": a.epochs * (len(train_ids) // bsz - 1) * bsz,
-                        "steps": a.epochs * steps_per_epoch, "seconds": time.perf_counter() - start, "curve": curve}
+                        "steps": a.epochs * steps_per_epoch, "seconds": time.perf_counter() - start, "curve": curve,
+                        **rates(speed)}
 
     print(f"\ntiny Shakespeare, whitespace words (vocab {vocab}, same ids in all runs: {same_vocab}), "
           f"{len(train_ids)} train / {len(valid_ids)} valid tokens; {a.layers} x {a.hidden} LSTM, dropout "
@@ -253,11 +274,12 @@ def main() -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
     names = {"a": "(a) distlstm stream", "b": "(b) distlstm windows", "c": "(c) textbook loop",
              "d": "(b') windows, defaults", "e": "(e) stream, lm defaults"}
-    print(f"{'run':24s} {'best ppl':>9s} {'last ppl':>9s} {'train tokens':>13s} {'steps':>6s} {'seconds':>8s}  "
-          "per-epoch valid ppl")
+    print(f"{'run':24s} {'best ppl':>9s} {'last ppl':>9s} {'train tokens':>13s} {'steps':>6s} {'seconds':>8s} "
+          f"{'train tok/s':>11s} {'eval tok/s':>10s}  per-epoch valid ppl")
     for k, r in results.items():
         print(f"{names[k]:24s} {r['ppl']:9.2f} {r['last']:9.2f} {r['tokens']:13d} {r['steps']:6d} "
-              f"{r['seconds']:8.1f}  " + " ".join(f"{v:.1f}" for v in r["curve"]))
+              f"{r['seconds']:8.1f} {r['train_tok_s']:11.0f} {r['eval_tok_s']:10.0f}  "
+              + " ".join(f"{v:.1f}" for v in r["curve"]))
     print("The targets compare each run's best validation perplexity (the textbook protocol: pytorch/examples "
           "keeps the model of its best epoch).")
     if "a" in results and "c" in results:
@@ -271,6 +293,13 @@ def main() -> int:
         a_d = results["a"]["ppl"] / results["d"]["ppl"]
         print(f"(a)/(b') = {a_d:.3f}  target <= 0.85: {'PASS' if a_d <= 0.85 else 'FAIL'}  (windows mode with "
               "distlstm's default optimizer, as the issue's user ran it before stream mode)")
+    # Speed against the textbook loop (the runs ran one after another on this machine, each with
+    # --threads torch threads): training without evaluation time, and evaluation on its own.
+    for k in "ae":
+        if k in results and "c" in results:
+            for what in ("train", "eval"):
+                ratio = results[k][f"{what}_tok_s"] / results["c"][f"{what}_tok_s"]
+                print(f"{names[k]} / (c) {what} speed = {ratio:.3f}x  goal >= 1.0: {'PASS' if ratio >= 1.0 else 'FAIL'}")
     for ref in "ac":
         if "e" in results and ref in results:
             ratio = results["e"]["ppl"] / results[ref]["ppl"]
