@@ -19,8 +19,9 @@ from tests.test_trainer_step import make_trainer
 def eager_only_graphs(trainer) -> StepGraphs:
     """A StepGraphs in the state of a run's first steps: nothing captured, no shape seen yet."""
     graphs = StepGraphs.__new__(StepGraphs)
-    graphs.__dict__.update(trainer=trainer, limit=4, log=lambda m: None, device=trainer.device, ddp=False,
-                           graphs={}, seen=set(), eager_steps=0, replays=0, disabled=False, _told_limit=False)
+    graphs.__dict__.update(stepper=trainer.stepper, group=trainer.group, world_size=1, limit=4, log=lambda m: None,
+                           device=trainer.device, ddp=False, graphs={}, seen=set(), eager_steps=0, replays=0,
+                           disabled=False, _told_limit=False)
     return graphs
 
 
