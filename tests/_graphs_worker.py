@@ -15,6 +15,7 @@ from distlstm.data.batch import Batch
 from distlstm.distributed.parallel import AmpPolicy, apply_ddp, control_group, ddp_options
 from distlstm.distributed.world import World, destroy_process_group, detect_world, init_process_group
 from distlstm.models.lstm import build_model
+from distlstm.run.bptt import StateCarrier
 from distlstm.run.graphs import StepGraphs, _key
 from distlstm.run.trainer import Trainer, build_optimizer
 from tests.fake_graphs import FakeGraphs, persistent_tensors
@@ -38,19 +39,32 @@ def lm_batch(shape: str, seed: int, weight: float = 1.0) -> Batch:
                  items=int(inside.sum()))
 
 
+def stream_batches(n: int, rows: int = 3, columns: int = 7, seed: int = 0) -> list[Batch]:
+    """lm stream chunks: full-length rows, documents starting anywhere (column 0 included)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        x = torch.randint(1, 20, (rows, columns + 1), generator=g)
+        reset = torch.rand(rows, columns, generator=g) < 0.15
+        out.append(Batch(x[:, :-1], torch.full((rows,), columns), x[:, 1:].clone(), torch.arange(rows),
+                         items=rows * columns, tokens=rows * columns, reset=reset))
+    return out
+
+
 def batches(shapes: str, seed: int = 0) -> list[Batch]:
     """One batch per letter of `shapes`; a lower-case letter is a filler batch (weight 0)."""
     return [lm_batch(s.upper(), seed + i, weight=0.0 if s.islower() else 1.0) for i, s in enumerate(shapes)]
 
 
 def make_trainer(*, accum: int = 1, world: World | None = None, group=None, dropout: float = 0.2,
-                 graphs: bool = False, limit: int = 16, log=None, backend=None) -> Trainer:
+                 embed_dropout: float | None = None, graphs: bool = False, limit: int = 16, log=None, backend=None,
+                 stream: bool = False) -> Trainer:
     """A small lm trainer (2 LSTM layers, dropout everywhere, a warmup schedule: the LR changes every
     step), DDP-wrapped when `world` has several ranks; `graphs`: StepGraphs on the fake backend. The
     weights are seeded alike every time, the training RNG (dropout) by rank."""
     world = world or detect_world({})
     cfg = Config(model=ModelConfig(task="lm", input="tokens", hidden_size=12, embed_size=8, num_layers=2,
-                                   dropout=dropout, embed_dropout=dropout),
+                                   dropout=dropout, embed_dropout=dropout if embed_dropout is None else embed_dropout),
                  optim=OptimConfig(warmup_steps=5), train=TrainConfig(accum_steps=accum))
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=20, input_size=0, num_classes=0)
@@ -58,6 +72,8 @@ def make_trainer(*, accum: int = 1, world: World | None = None, group=None, drop
     optimizer, scheduler = build_optimizer(model, cfg.optim, 40, CPU)
     trainer = Trainer(cfg, world, model=wrapped, optimizer=optimizer, scheduler=scheduler, amp=AmpPolicy("fp32", CPU),
                       device=CPU, train_loader=_Loader(), control_group=group)
+    if stream:  # lm stream mode: the state carried from chunk to chunk (a stream loader's carrier)
+        trainer.carry = StateCarrier(stream=True, layout_key=lambda: "test", device=CPU)
     if graphs:
         trainer.graphs = StepGraphs(trainer, limit=limit, log=log or (lambda msg: None),
                                     backend=backend or FakeGraphs(watch=persistent_tensors(trainer)))

@@ -7,8 +7,9 @@ step (NCCL collectives of a graph on one rank meeting eager ones on another: a h
 step would be captured before its warm-up (DDP's 11 iterations, a shape's first eager run), the
 capture limit or an unseen shape would not fall back to the eager step, replays would train with a
 stale learning rate, a resumed run could not capture its optimizer, a replay would read other
-buffers than the ones its batch was copied into, or graphed training would differ from eager
-training (dropout included: every replay draws fresh masks).
+buffers than the ones its batch was copied into, graphed training would differ from eager
+training (dropout included: every replay draws fresh masks), or lm stream mode's graphs would lose
+or misplace the carried LSTM state (resets, chunk and step boundaries, resume).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from distlstm.checkpoint.manager import CheckpointManager
 from distlstm.run.graphs import DDP_WARMUP_STEPS, _key
-from tests._graphs_worker import batches, make_trainer, train
+from tests._graphs_worker import batches, make_trainer, stream_batches, train
 from tests.fake_graphs import FakeGraphs
 from tests.helpers import free_port
 
@@ -200,3 +201,36 @@ def test_two_gloo_ranks_agree_warm_up_and_match_eager(tmp_path):
             assert_params_close(res["graphed"], res["eager"])
             assert res["loss"][1] == pytest.approx(res["loss"][0], rel=1e-6)
         assert_params_close(results[1]["graphed"], results[0]["graphed"], rtol=1e-7)  # DDP: one model
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_stream_mode_graphs_carry_the_state_like_eager_across_resets_and_resume(tmp_path, accum):
+    """lm stream mode (issue 18 defect 7): the carried (h, c) and the reset mask in static buffers.
+    12 steps of chunks with documents starting at random columns (column 0 included), the state
+    carried from chunk to chunk and step to step: graphed == eager to 1e-6 (weights, loss, carried
+    state), also when the graphed run is resumed from its checkpoint after step 6 (the carried state
+    restored into the static buffers). Embedding dropout on; the LSTM's inter-layer dropout off (the
+    graph runs the LSTM one column at a time, which draws its masks in other shapes)."""
+    chunks = stream_batches(12 * accum)
+    steps = [chunks[i:i + accum] for i in range(0, len(chunks), accum)]
+    assert any(b.reset[:, 0].any() for b in chunks) and sum(int(b.reset.any(0).sum()) for b in chunks) > 10
+    eager = make_trainer(accum=accum, stream=True, dropout=0.0, embed_dropout=0.2)
+    train(eager, steps)
+    graphed = make_trainer(accum=accum, stream=True, dropout=0.0, embed_dropout=0.2, graphs=True)
+    replayed = train(graphed, steps[:6])
+    assert replayed == [False, True, True, True, True, True]
+    graphed.state.step = 6
+    graphed.checkpoints = CheckpointManager(tmp_path / "ckpt", rank=0, world_size=1, log=lambda m: None)
+    graphed.save()
+    assert all(train(graphed, steps[6:]))
+    resumed = make_trainer(accum=accum, stream=True, dropout=0.0, embed_dropout=0.2, graphs=True)
+    loaded = CheckpointManager(tmp_path / "ckpt", rank=0, world_size=1, log=lambda m: None).load_latest(
+        resumed.checkpoint_state())
+    resumed.resumed(loaded)
+    assert loaded["rank_state_restored"] and resumed.carry.state is not None
+    assert train(resumed, steps[6:]) == [False, True, True, True, True, True]
+    for run in (graphed, resumed):
+        assert_params_close(params(run), params(eager))
+        for mine, theirs in zip(run.carry.state, eager.carry.state):
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(graphed.loss_sum, eager.loss_sum, rtol=1e-6, atol=0)

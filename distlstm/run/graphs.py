@@ -31,6 +31,10 @@ recipe for capturing DDP), the graph limit reached, or any rank not ready. Ranks
 each step with one host all-reduce on the gloo control group, so a step is either graphs on every
 rank or eager on every rank (NCCL all-reduces then match in kind and order).
 
+lm stream mode (`train.cuda_graphs=on` only, until measured on a GPU): the reset mask and the carried
+(h, c) are static buffers too; the graph runs the LSTM column by column, every column a possible reset
+(`_record`), and writes the state after the last column back in place.
+
 Capture needs the whole run on one non-default stream (DDP's retained AccumulateGrad nodes belong
 to the stream DDP was built on): `use_training_stream` sets it before the model is wrapped. See
 docs/design.md, "CUDA graphs", for what the PyTorch issues say about cuDNN RNNs and DDP in graphs.
@@ -80,10 +84,17 @@ def graphs_decision(cfg, device: torch.device, world_size: int = 1) -> tuple[boo
     if t.debug:
         return refuse("does not work with train.debug (anomaly detection syncs with the host)",
                       "drop --train.debug")
-    if uses_stream(cfg) or cfg.data.too_long == "chunk":
-        # Not yet: the captured step would need the carried (h, c) and the reset columns as static buffers.
-        return refuse("does not carry the LSTM state from one step or piece to the next (data.lm_mode=stream, "
-                      "data.too_long=chunk)", "set --data.lm_mode windows and --data.too_long truncate")
+    if cfg.data.too_long == "chunk":
+        # Not yet: a batch's pieces vary in number with its length.
+        return refuse("does not carry the LSTM state from one piece of a batch to the next (data.too_long=chunk)",
+                      "set --data.too_long truncate")
+    if uses_stream(cfg):
+        # The carried (h, c) and the reset mask live in static buffers; the graph runs the LSTM column by
+        # column so that a document may start at any column (StepGraphs._record). Not yet run on a GPU.
+        if mode == "auto":
+            return False, ("data.lm_mode=stream: graphs are opt-in (--train.cuda_graphs on) until measured on a "
+                           "GPU")
+        return True, "lm stream mode: the carried state and reset columns in static buffers, one shape"
     if cfg.data.shape_buckets == 0:
         if mode == "auto":
             return False, "data.shape_buckets=0 (every batch may be a new shape)"
@@ -151,6 +162,10 @@ class _Static:
     scale: torch.Tensor   # the loss scale of this micro-batch: world size / global items x weight
     weight: torch.Tensor  # 1, or 0 for a filler batch
     graph: Any = None     # what the backend's capture returned (a torch.cuda.CUDAGraph)
+    # lm stream mode: the reset mask (rows, columns) and the carried state, in and out (in place)
+    reset: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+    c: torch.Tensor | None = None
 
 
 class StepGraphs:
@@ -203,6 +218,8 @@ class StepGraphs:
             static = self.graphs[key]
             self._load(static, batch, scale)
             static.graph.replay()
+            if static.h is not None:
+                self.stepper.carry.state = (static.h, static.c)  # where the replay left the carried state
         self.replays += 1
         return StepOutcome(True, local_items, global_items)
 
@@ -225,6 +242,15 @@ class StepGraphs:
         static.targets.copy_(batch.targets, non_blocking=True)
         static.scale.fill_(scale * batch.weight)
         static.weight.fill_(batch.weight)
+        if static.h is not None:
+            static.reset.copy_(batch.reset, non_blocking=True)
+            state = self.stepper.carry.state
+            if state is None:
+                static.h.zero_()
+                static.c.zero_()
+            else:  # carried from the previous step (eager or replayed) or a checkpoint
+                static.h.copy_(state[0])
+                static.c.copy_(state[1])
         for lr, group in zip(self.lrs, self.stepper.optimizer.param_groups):
             lr.fill_(group["lr"])
 
@@ -232,11 +258,20 @@ class StepGraphs:
     def _buffers(self, key: tuple) -> _Static:
         (in_shape, in_dtype), (tg_shape, tg_dtype), batch_rows, _ = key
         dev = self.device
-        return _Static(inputs=torch.zeros(in_shape, dtype=in_dtype, device=dev),
-                       lengths=torch.ones(batch_rows, dtype=torch.int64, device=dev),
-                       targets=torch.zeros(tg_shape, dtype=tg_dtype, device=dev),
-                       scale=torch.zeros((), dtype=torch.float32, device=dev),
-                       weight=torch.zeros((), dtype=torch.float32, device=dev))
+        static = _Static(inputs=torch.zeros(in_shape, dtype=in_dtype, device=dev),
+                         lengths=torch.ones(batch_rows, dtype=torch.int64, device=dev),
+                         targets=torch.zeros(tg_shape, dtype=tg_dtype, device=dev),
+                         scale=torch.zeros((), dtype=torch.float32, device=dev),
+                         weight=torch.zeros((), dtype=torch.float32, device=dev))
+        if self.stepper.carry.stream:
+            lstm = unwrap(self.stepper.model).lstm
+            state = self.stepper.carry.state
+            dtype = state[0].dtype if state is not None else torch.float32
+            layers = lstm.num_layers
+            static.reset = torch.zeros(in_shape[:2], dtype=torch.bool, device=dev)
+            static.h = torch.zeros((layers, batch_rows, lstm.proj_size or lstm.hidden_size), dtype=dtype, device=dev)
+            static.c = torch.zeros((layers, batch_rows, lstm.hidden_size), dtype=dtype, device=dev)
+        return static
 
     @contextlib.contextmanager
     def _device_lrs(self):
@@ -281,8 +316,23 @@ class StepGraphs:
         """The work captured for one micro-batch: the step's own device body (TrainStep.backward, and
         for the last micro-batch TrainStep.update), on the static buffers and scalars."""
         s = self.stepper
-        piece = Piece(static.inputs, static.lengths, static.targets, lengths_cpu=None, resets=None, last=True)
+        resets = None
+        if static.h is not None:
+            # lm stream mode: start from the carried state in the static buffers, and let every column
+            # be a reset column (rows zeroed where the static mask says so): the eager step splits the
+            # LSTM at the batch's reset columns only, which a graph cannot know in advance. The same
+            # math, one LSTM call per column.
+            outside, s.carry.state = s.carry.state, (static.h, static.c)
+            resets = [(col, static.reset[:, col]) for col in range(static.inputs.shape[1])]
+        piece = Piece(static.inputs, static.lengths, static.targets, lengths_cpu=None, resets=resets, last=True)
         s.backward(piece, static.scale, static.weight, sync=final, autocast=s.amp.autocast(cache=False))
+        if static.h is not None:
+            h, c = s.carry.state  # the state after the last column, carried into the next step in place
+            static.h.copy_(h)
+            static.c.copy_(c)
+            # Python runs once, at capture, not at a replay: leave the carrier as it was (step() points
+            # it at the static state after each replay).
+            s.carry.state = outside
         if final:
             s.update()
             s.zero_grads_in_place()
