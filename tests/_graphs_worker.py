@@ -140,6 +140,16 @@ def main() -> int:
                     "graphed": [p.detach().clone() for p in graphed.model.parameters()],
                     "loss": (float(eager.loss_sum), float(graphed.loss_sum))},
                    f"{args.out}.rank{world.rank}.accum{accum}.pt")
+    # lm stream mode: the carried state in the graphs' static buffers, under DDP.
+    chunks = [[b] for b in stream_batches(16, seed=10 * world.rank)]
+    eager = make_trainer(world=world, group=group, stream=True, dropout=0.0)
+    train(eager, chunks)
+    graphed = make_trainer(world=world, group=group, stream=True, dropout=0.0, graphs=True)
+    result["stream"] = {"replayed": train(graphed, chunks), "summary": graphed.graphs.summary()}
+    torch.save({"eager": [p.detach().clone() for p in eager.model.parameters()] + list(eager.carry.state),
+                "graphed": [p.detach().clone() for p in graphed.model.parameters()] + list(graphed.carry.state),
+                "loss": (float(eager.loss_sum), float(graphed.loss_sum))},
+               f"{args.out}.rank{world.rank}.accumstream.pt")
     with open(f"{args.out}.rank{world.rank}.json", "w") as f:
         json.dump(result, f)
     destroy_process_group(barrier=True)

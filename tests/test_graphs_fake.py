@@ -182,7 +182,8 @@ def test_two_gloo_ranks_agree_warm_up_and_match_eager(tmp_path):
     """2 ranks, real torchrun + gloo DDP, with and without accumulation: the first 11 steps are
     eager (DDP's warm-up) although shapes repeat; at step 13 rank 1 alone meets a new shape while
     rank 0 has all its graphs, and both run it eagerly; every step is replayed on both ranks or on
-    neither; graphed == eager to 1e-6 on each rank, dropout on."""
+    neither; graphed == eager to 1e-6 on each rank, dropout on; and lm stream mode under DDP (the
+    carried state per rank, in the graphs' static buffers) graphed == eager."""
     out = tmp_path / "graphs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(ROOT / "tests" / "_graphs_worker.py"), "--out", str(out)]
@@ -201,6 +202,11 @@ def test_two_gloo_ranks_agree_warm_up_and_match_eager(tmp_path):
             assert_params_close(res["graphed"], res["eager"])
             assert res["loss"][1] == pytest.approx(res["loss"][0], rel=1e-6)
         assert_params_close(results[1]["graphed"], results[0]["graphed"], rtol=1e-7)  # DDP: one model
+    r0, r1 = ranks[0]["stream"], ranks[1]["stream"]  # lm stream mode under DDP: one shape, carried state
+    assert r0["replayed"] == r1["replayed"] == [False] * DDP_WARMUP_STEPS + [True] * 5, r0
+    for res in [torch.load(f"{out}.rank{r}.accumstream.pt", weights_only=True) for r in (0, 1)]:
+        assert_params_close(res["graphed"], res["eager"])
+        assert res["loss"][1] == pytest.approx(res["loss"][0], rel=1e-6)
 
 
 @pytest.mark.parametrize("accum", [1, 2])
