@@ -102,8 +102,8 @@ def install(fault: dict) -> None:
     if "step" in fault or "after_steps" in fault or "after_s" in fault:
         original, ran = trainer.Trainer.forward_backward, {"n": 0}
 
-        def forward_backward(self, micro_batches):
-            original(self, micro_batches)
+        def forward_backward(self, micro_batches, *args, **kwargs):
+            original(self, micro_batches, *args, **kwargs)
             ran["n"] += 1
             if "after_s" in fault:
                 if ran["n"] == 1:

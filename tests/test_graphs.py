@@ -98,3 +98,17 @@ def test_cli_on_without_cuda_exits_with_the_setting(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "train.cuda_graphs=on needs a CUDA device (the device is cpu)" in proc.stderr
+
+
+def test_lm_stream_mode_graphs_are_opt_in_and_chunked_batches_refused():
+    """Issue 18 defect 7: stream mode can be graphed (the carried state in static buffers, tested on
+    CPU in tests/test_graphs_fake.py), but `auto` leaves it off until it has run on a GPU; `on`
+    turns it on. data.too_long=chunk (a varying number of pieces per batch) stays refused."""
+    stream = ["--model.task", "lm", "--data.lm_mode", "stream"]
+    on, why = graphs_decision(load_config(None, stream), CUDA)
+    assert on is False and "--train.cuda_graphs on" in why
+    assert graphs_decision(load_config(None, [*stream, "--train.cuda_graphs", "on"]), CUDA)[0] is True
+    chunk = ["--model.task", "lm", "--data.lm_mode", "windows", "--data.too_long", "chunk", "--data.shape_buckets", "0"]
+    assert graphs_decision(load_config(None, chunk), CUDA)[0] is False
+    with pytest.raises(ConfigError, match="data.too_long=chunk"):
+        graphs_decision(load_config(None, [*chunk, "--train.cuda_graphs", "on"]), CUDA)

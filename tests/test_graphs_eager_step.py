@@ -4,8 +4,8 @@ defect 9).
 A failure means StepGraphs.step's agreement all-reduce (the step's item count and "every rank can
 replay") is followed by a second all-reduce of the same item count in the eager step: one more gloo
 round trip on every warm-up, fallback and unseen-shape step. Runs the real StepGraphs.step on CPU
-with a real one-rank gloo group; only its constructor, which needs a CUDA stream and graph pool, is
-skipped (the eager path touches neither).
+with a real one-rank gloo group, on the CPU graph backend of tests/fake_graphs.py (the eager path
+records no graph anyway).
 """
 
 import torch
@@ -13,15 +13,13 @@ import torch.distributed as dist
 
 from distlstm.run.graphs import StepGraphs
 from tests._step_worker import make_batches
+from tests.fake_graphs import FakeGraphs
 from tests.test_trainer_step import make_trainer
 
 
 def eager_only_graphs(trainer) -> StepGraphs:
     """A StepGraphs in the state of a run's first steps: nothing captured, no shape seen yet."""
-    graphs = StepGraphs.__new__(StepGraphs)
-    graphs.__dict__.update(trainer=trainer, limit=4, log=lambda m: None, device=trainer.device, ddp=False,
-                           graphs={}, seen=set(), eager_steps=0, replays=0, disabled=False, _told_limit=False)
-    return graphs
+    return StepGraphs(trainer, limit=4, log=lambda m: None, backend=FakeGraphs())
 
 
 def test_eager_step_with_graphs_on_all_reduces_once(tmp_path, monkeypatch):

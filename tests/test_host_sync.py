@@ -91,11 +91,11 @@ def test_lm_stream_step_reads_only_the_host_reset_mask():
 def test_fp16_reads_only_the_grad_scalers_decision():
     """fp16's one documented sync per step: the GradScaler decides on the host whether the step ran."""
     trainer = make_trainer("classify", precision="fp16")
-    fp16 = {**ALLOWED, ("distlstm/run/trainer.py", "_optimizer_step"): "the GradScaler's skip decision"}
+    fp16 = {**ALLOWED, ("distlstm/run/step.py", "optimize"): "the GradScaler's skip decision"}
     batches = loader_batches(trainer, 1)
     with no_host_reads(fp16) as allowed_reads:
         trainer.train_step(batches)
-    assert ("distlstm/run/trainer.py", "_optimizer_step") in {(f, fn) for f, fn, _, _ in allowed_reads}
+    assert ("distlstm/run/step.py", "optimize") in {(f, fn) for f, fn, _, _ in allowed_reads}
 
 
 def test_the_detector_names_the_line_of_a_read():

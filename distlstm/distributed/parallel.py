@@ -94,7 +94,10 @@ class AmpPolicy:
         return (f"fp16 autocast with a GradScaler: the LSTM runs in {lstm}; fp32 master weights, gradients and "
                 "optimizer state")
 
-    def autocast(self):
+    def autocast(self, *, cache: bool = True):
+        """The forward's autocast context (none for fp32). `cache=False`: without autocast's cache of
+        cast weights, which must not hand a tensor from one CUDA graph (or an eager step) to another
+        (PyTorch's CUDA graphs notes, "Usage with torch.cuda.amp")."""
         if self.dtype is None:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
@@ -103,7 +106,7 @@ class AmpPolicy:
             # the native kernel runs the LSTM in fp32 while the rest autocasts. fp16 on CPU exists to
             # exercise the GradScaler path anywhere; use bf16 for speed on CPU.
             stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
-        stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
+        stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=None if cache else False))
         return stack
 
 

@@ -2,7 +2,7 @@
 
 Every optimizer is torch's *fused* implementation: it takes the trainer's non-finite flag as a tensor
 (`optimizer.found_inf`) and skips the update on the device, so skipping a bad step needs no host sync
-(see `Trainer._optimizer_step`); the GradScaler drives the same flag under fp16.
+(see `TrainStep.update` in distlstm/run/step.py); the GradScaler drives the same flag under fp16.
 """
 
 from __future__ import annotations

@@ -19,11 +19,12 @@ from distlstm.data.errors import check_bad_fraction
 from distlstm.errors import RunError
 from distlstm.models.lstm import flops_per_token
 from distlstm.run.optim import PlateauSchedule, make_optimizer
-from distlstm.distributed.parallel import AmpPolicy, all_reduce_host, no_sync, unwrap
+from distlstm.distributed.parallel import AmpPolicy, all_reduce_host, unwrap
 from distlstm.run.bptt import RankState, StateCarrier
 from distlstm.tasks import Task
 from distlstm.distributed.world import World
 from distlstm.run.best import Watch
+from distlstm.run.step import TrainStep
 from distlstm.checkpoint.codec import RngState
 
 
@@ -82,6 +83,11 @@ class NonFiniteError(RunError):
     """Too many consecutive non-finite steps; the message names the first non-finite module."""
 
 
+def _stepper_attr(name: str) -> property:
+    """`Trainer.<x>` for the step's `<name>` (tests and the loop read the device values there)."""
+    return property(lambda self: getattr(self.stepper, name), lambda self, value: setattr(self.stepper, name, value))
+
+
 class Trainer:
     """Owns the step. `main()` builds the pieces (see distlstm/train.py) and calls `fit()`."""
 
@@ -95,17 +101,14 @@ class Trainer:
         self.run_dir, self.log = run_dir, log
         self.task: Task = unwrap(model).spec
         self.state = TrainState()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        # Consecutive non-finite steps, kept on the device and read only at the log cadence.
-        self.bad_run = torch.zeros((), device=device)
-        self.grad_norm = torch.zeros((), device=device)
-        # Steps fused AdamW skipped (non-finite, fp32/bf16), counted on the device; host-side
-        # counts since the last flush (see _flush_counters).
-        self.skipped_dev = torch.zeros((), device=device)
+        self.stepper = TrainStep(model=model, optimizer=optimizer, amp=amp, world_size=world.world_size,
+                                 grad_clip=cfg.optim.grad_clip, carry=StateCarrier.for_loader(train_loader, device),
+                                 device=device)
+        """The step itself (distlstm/run/step.py), with the device values it updates in place."""
         self._pending_tokens = self._pending_skipped = self._pending_samples = 0
         self._clock = time.perf_counter()
-        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.item_sum = 0.0
+        """Real items of this rank since the last log interval (the loss_sum's denominator)."""
         self.last_eval_s = 0.0
         """Wall time of the latest evaluation (`evaluate`)."""
         self.last_micro: list[Batch] = []
@@ -116,86 +119,50 @@ class Trainer:
                               "optim.schedule=constant|cosine")
         self.graphs = None
         """A distlstm.run.graphs.StepGraphs when train.cuda_graphs is on: it runs the steps it can replay."""
-        self.reduced_items: float | None = None
-        """This step's global item count, when StepGraphs.step has all-reduced it before choosing eager."""
         self.watch = Watch(cfg, self.task, has_valid=valid_loader is not None)
-        self.carry = StateCarrier.for_loader(train_loader, device)
 
     # ------------------------------------------------------------------ the step
-    def train_step(self, micro_batches: list[Batch]) -> None:
-        """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
-        if self.graphs is not None and self.graphs.step(micro_batches):
-            return  # replayed as CUDA graphs: the same work as below (distlstm/run/graphs.py)
-        self.forward_backward(micro_batches)
-        self._optimizer_step()
-        # Captured graphs hold the gradient tensors' addresses: zero them, never free them.
-        self.optimizer.zero_grad(set_to_none=self.graphs is None)
+    # The device values the step updates in place (read at the log cadence) and what it runs on.
+    loss_sum = _stepper_attr("loss_sum")
+    grad_norm = _stepper_attr("grad_norm")
+    bad_run = _stepper_attr("bad_run")
+    skipped_dev = _stepper_attr("skipped")
+    carry = _stepper_attr("carry")
+    params = _stepper_attr("params")
 
-    def forward_backward(self, micro_batches: list[Batch]) -> None:
-        """Accumulate the step's gradient: d(sum of losses / global item count)/d(params)."""
-        model, amp = self.model, self.amp
-        # The loss is a sum over real items divided by the item count of the whole step: all
-        # micro-batches on all ranks. Dividing per micro-batch (or per rank) would weight short
-        # batches more and make accumulation or world size change the gradient.
-        local_items = float(sum(self.task.item_count(b) for b in micro_batches))
-        if self.reduced_items is not None:  # StepGraphs.step already summed them (and chose eager)
-            global_items, self.reduced_items = self.reduced_items, None
-        else:
+    def train_step(self, micro_batches: list[Batch]) -> None:
+        """One optimizer step over `micro_batches` (this rank's share of the global batch): replayed
+        as CUDA graphs where StepGraphs can (every rank agreeing), else eagerly; the same step
+        (distlstm/run/step.py) either way. The host counters and the LR schedule are kept here."""
+        global_items = None
+        if self.graphs is not None:
+            outcome = self.graphs.step(micro_batches)
+            if outcome.replayed:
+                self.item_sum += outcome.items
+                self.scheduler.step()
+                return
+            global_items = outcome.global_items  # summed in StepGraphs' agreement: one all-reduce per step
+        self.forward_backward(micro_batches, global_items)
+        self._optimizer_step()
+        self.stepper.zero_grads(keep=self.graphs is not None)  # graphs hold the gradients' addresses
+
+    def forward_backward(self, micro_batches: list[Batch], global_items: float | None = None) -> None:
+        """Accumulate the step's gradient: d(sum of losses / global item count)/d(params). The item
+        count of the whole step (all micro-batches on all ranks) is summed over ranks on the control
+        group unless the caller has it (`global_items`)."""
+        local_items = self.stepper.items(micro_batches)
+        if global_items is None:
             (global_items,) = all_reduce_host([local_items], self.group)
-        # DDP averages gradients over ranks; multiply by world size to undo that average.
-        scale = self.world.world_size / max(global_items, 1.0)
-        for i, host_batch in enumerate(micro_batches):
-            batch = host_batch.to(self.device, non_blocking=True)
-            # One piece per batch, except with data.too_long=chunk (distlstm/run/bptt.py); the state a
-            # piece leaves is carried into the next piece, and in lm stream mode into the next step.
-            for piece in self.carry.pieces(batch, host_batch):
-                with no_sync(model, skip=i < len(micro_batches) - 1 or not piece.last):
-                    with amp.autocast():
-                        outputs = self.carry.forward(model, piece)
-                    loss_sum, _, _ = self.task.loss_and_metrics(outputs, piece.targets, piece.lengths)
-                    loss = loss_sum * (scale * batch.weight)
-                    (amp.scaler.scale(loss) if amp.scaler else loss).backward()
-                self.loss_sum += loss_sum.detach().double() * batch.weight
+        self.stepper.accumulate(micro_batches, global_items)
         self.item_sum += local_items
 
     def _optimizer_step(self) -> None:
-        clip = self.cfg.optim.grad_clip or float("inf")
-        if self.amp.scaler is not None:
-            scaler = self.amp.scaler
-            scaler.unscale_(self.optimizer)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
-            before = scaler.get_scale()
-            scaler.step(self.optimizer)
-            scaler.update()
-            # A step the scaler skipped (overflow) must not advance the LR schedule. This comparison
-            # is fp16's one host sync per step; bf16 and fp32 need none.
-            if scaler.get_scale() < before:
-                self.state.skipped_steps += 1
-                # Overflow skips are routine while the scale settles; overflowing with a scale
-                # below 1 means the values are not finite even unscaled: count toward max_bad_steps.
-                if scaler.get_scale() < 1.0:
-                    self.bad_run = self.bad_run + 1
-                return
-            self.bad_run = torch.zeros_like(self.bad_run)
+        if self.stepper.optimize():
+            # Advances here also for a step the fused optimizer skipped (non-finite): _flush_counters
+            # takes those back off the schedule.
             self.scheduler.step()
-            return
-        self.guarded_update()
-        # Advances here; _flush_counters takes the skipped steps back off the schedule.
-        self.scheduler.step()
-
-    def guarded_update(self) -> None:
-        """Clip, then the fused optimizer (optim.name), which skips the update on the device when the
-        gradient is not finite. Device work only, every counter updated in place: a CUDA graph
-        captures it as is."""
-        clip = self.cfg.optim.grad_clip or float("inf")
-        self.grad_norm.copy_(torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True))
-        bad = (~torch.isfinite(self.grad_norm)).float()
-        # The fused optimizer skips the update where found_inf is set, without the host knowing.
-        self.optimizer.found_inf, self.optimizer.grad_scale = bad, None
-        self.optimizer.step()
-        del self.optimizer.found_inf, self.optimizer.grad_scale
-        self.bad_run.add_(bad).mul_(bad)
-        self.skipped_dev.add_(bad)
+        else:
+            self.state.skipped_steps += 1  # fp16's GradScaler skipped it (overflow): the schedule stays
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
