@@ -231,6 +231,26 @@ def _no_outside_reads(outside: Path, context: str) -> None:
     assert not touched, f"read outside the dataset: {touched[:3]}\n{context}"
 
 
+def _attempt(action, outside: Path, context: str, outcomes: dict[str, int], ok: str) -> bool:
+    """Run `action()` under the hang guard, checking it read nothing in `outside`; count the outcome
+    (`ok`, or the user error's class name) in `outcomes`. True when it succeeded; anything that is
+    not a user error fails the test."""
+    try:
+        with attempt_guard():
+            try:
+                action()
+            finally:
+                _no_outside_reads(outside, context)
+    except BaseException as exc:  # noqa: BLE001 - the point is what kind it is
+        if isinstance(exc, AssertionError):
+            raise
+        _fail_unless_user_error(exc, context)
+        outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
+        return False
+    outcomes[ok] = outcomes.get(ok, 0) + 1
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- tests
 
 
@@ -250,22 +270,17 @@ def test_mutated_dataset_opens_or_fails_as_a_user_error_never_outside(originals,
         context = f"seed {SEED}, {dataset} case {n}: {done}"
         run_dir = data / "run"
         run_dir.mkdir()
-        try:
-            with attempt_guard():
-                try:
-                    index = open_index(str(split), task=task, cache_dir=tmp_path / "cache")
-                    for c in range(index.num_chunks):
-                        index.read_chunk(c, task)
-                    copy_data_files(index, run_dir)
-                finally:
-                    _no_outside_reads(data / "outside", context)
-        except BaseException as exc:  # noqa: BLE001 - the point is what kind it is
-            if isinstance(exc, AssertionError):
-                raise
-            _fail_unless_user_error(exc, context)
-            outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
-        else:
-            outcomes["opened"] = outcomes.get("opened", 0) + 1
+        opened = []
+
+        def open_and_read():
+            index = open_index(str(split), task=task, cache_dir=tmp_path / "cache")
+            for c in range(index.num_chunks):
+                index.read_chunk(c, task)
+            copy_data_files(index, run_dir)
+            opened.append(index)
+
+        if _attempt(open_and_read, data / "outside", context, outcomes, "opened"):
+            [index] = opened
             root = str((data / dataset).resolve())
             named = [s for s in index.shards if not os.path.realpath(s).startswith(root)]
             assert not named, f"index names shards outside the dataset: {named}\n{context}"
@@ -286,19 +301,7 @@ def test_mutated_export_loads_or_fails_as_a_user_error(originals, tmp_path):
         shutil.copytree(originals / "outside", folder.parent / "outside")
         done = mutate_folder(folder, names, rng, folder.parent / "outside")
         context = f"seed {SEED}, export case {n}: {done}"
-        try:
-            with attempt_guard():
-                try:
-                    model, vocab, cfg = distlstm.load(folder)
-                finally:
-                    _no_outside_reads(folder.parent / "outside", context)
-        except BaseException as exc:  # noqa: BLE001
-            if isinstance(exc, AssertionError):
-                raise
-            _fail_unless_user_error(exc, context)
-            outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
-        else:
-            outcomes["loaded"] = outcomes.get("loaded", 0) + 1
+        _attempt(lambda: distlstm.load(folder), folder.parent / "outside", context, outcomes, "loaded")
         shutil.rmtree(folder.parent)
     print(f"export: {outcomes}")
     assert outcomes.get("loaded") and len(outcomes) > 1, outcomes
