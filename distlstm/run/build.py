@@ -104,9 +104,9 @@ def build_run(cfg: Config, world: World, device: torch.device, *, group, log: Ca
             use_training_stream(device)  # before DDP: its gradient hooks belong to the stream it is built on
     # Each rank gets its own dropout stream; DDP broadcasts rank 0's initial weights.
     torch.manual_seed(cfg.train.seed + 1000 * world.rank)
-    ddp_model = apply_ddp(model, world, device, **ddp_options(cfg.train)) if training else model
+    opts = ddp_options(cfg.train)
+    ddp_model = apply_ddp(model, world, device, **opts) if training else model
     if ddp_model is not model:
-        opts = ddp_options(cfg.train)
         log(f"ddp: DistributedDataParallel over {world.world_size} rank(s), {opts['bucket_mb']:g} MB buckets, "
             f"static_graph {'on' if opts['static_graph'] else 'off'}")
     optimizer = scheduler = None
@@ -188,9 +188,7 @@ def load_data(cfg: Config, log, *, train: bool = True, share: tuple[int, int] | 
         log(f"data: embedded synthetic dataset in {root}")
         train_spec, valid_spec = str(root / "train"), valid_spec or str(root / "valid")
     kw = dict(fmt=d.format, sequence_column=d.sequence_column, label_column=d.label_column, cache_dir=cache,
-              storage_options=network_options(d.storage_options, connect_timeout_s=d.connect_timeout_s,
-                                              read_timeout_s=d.read_timeout_s),
-              retries=d.retries, task=cfg.model.task,
+              storage_options=storage_options(d), retries=d.retries, task=cfg.model.task,
               whole_shard_max_mb=d.whole_shard_max_mb, verify=d.verify)
     if share is not None:
         return sum(open_index(spec, share=share, progress=IndexProgress(redact(spec), log), **kw)
@@ -207,14 +205,19 @@ def load_data(cfg: Config, log, *, train: bool = True, share: tuple[int, int] | 
     return train_index, valid_index
 
 
+def storage_options(d) -> dict:
+    """The user's data.storage_options with the network timeouts (data.connect_timeout_s,
+    data.read_timeout_s) added: what every read of the data gets."""
+    return network_options(d.storage_options, connect_timeout_s=d.connect_timeout_s, read_timeout_s=d.read_timeout_s)
+
+
 def prepared_root_splits(cfg: Config, log) -> Config:
     """data.train naming prep's output root (OUT, whose splits are OUT/train and OUT/valid) rather
     than a split: train on OUT/train and, unless data.valid is given, validate on OUT/valid. The
     config then names the splits, so the saved config (evaluate's default split) names them too."""
     d = cfg.data
     spec = d.train.rstrip("/")
-    opts = dict(storage_options=network_options(d.storage_options, connect_timeout_s=d.connect_timeout_s,
-                                                read_timeout_s=d.read_timeout_s), retries=d.retries)
+    opts = dict(storage_options=storage_options(d), retries=d.retries)
     name = spec.split("?")[0].lower()
     if not spec or any(c in spec for c in "*?[{,") or name.endswith((".parquet", ".pq", ".tar", ".tgz", ".gz", ".json")):
         return cfg  # files, globs, lists: not a folder that could be prep's output root

@@ -214,6 +214,7 @@ class StepGraphs:
             if key not in self.graphs and not self._capture(key, batch, scale):
                 self.eager_steps += 1
                 return StepOutcome(False, local_items, global_items)
+        self._load_lrs()
         for batch, key in zip(micro_batches, keys):
             static = self.graphs[key]
             self._load(static, batch, scale)
@@ -251,6 +252,9 @@ class StepGraphs:
             else:  # carried from the previous step (eager or replayed) or a checkpoint
                 static.h.copy_(state[0])
                 static.c.copy_(state[1])
+
+    def _load_lrs(self) -> None:
+        """The groups' LRs into the device tensors the captured optimizer reads (once per step)."""
         for lr, group in zip(self.lrs, self.stepper.optimizer.param_groups):
             lr.fill_(group["lr"])
 
@@ -293,6 +297,7 @@ class StepGraphs:
         final = key[-1]
         static = self._buffers(key)
         self._load(static, batch, scale)
+        self._load_lrs()
         # Again at every capture: loading a checkpoint (after this object was made) resets the flags.
         allow_capture(self.stepper.optimizer)
         started = time.perf_counter()

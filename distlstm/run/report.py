@@ -60,7 +60,7 @@ class Reporter:
                     self.tb.add_scalar(f"{kind}/{key}", value, step)
         if self.bar is not None and not self.bar.disable and kind == "train":
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.3g}")
-        elif self.bar is None or self.bar.disable or kind != "train":
+        else:
             self.print(f"[{kind}] step {step} " + " ".join(_fmt(k, v) for k, v in values.items()))
 
     def close(self) -> None:

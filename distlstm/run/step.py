@@ -83,7 +83,7 @@ class TrainStep:
         """Clip, then the fused optimizer (optim.name), which skips the update on the device when the
         gradient is not finite. Device work only, every counter updated in place: a CUDA graph
         captures it as is."""
-        self.grad_norm.copy_(torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True))
+        self.clip_grads()
         bad = (~torch.isfinite(self.grad_norm)).float()
         # The fused optimizer skips the update where found_inf is set, without the host knowing.
         self.optimizer.found_inf, self.optimizer.grad_scale = bad, None
@@ -91,6 +91,10 @@ class TrainStep:
         del self.optimizer.found_inf, self.optimizer.grad_scale
         self.bad_run.add_(bad).mul_(bad)
         self.skipped.add_(bad)
+
+    def clip_grads(self) -> None:
+        """Clip to optim.grad_clip; the norm before clipping into `grad_norm` (in place)."""
+        self.grad_norm.copy_(torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True))
 
     def zero_grads_in_place(self) -> None:
         """The end of a captured step: gradients zeroed where they are, for the next step."""
@@ -118,7 +122,7 @@ class TrainStep:
             return True
         scaler = self.amp.scaler
         scaler.unscale_(self.optimizer)
-        self.grad_norm.copy_(torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True))
+        self.clip_grads()
         before = scaler.get_scale()
         scaler.step(self.optimizer)
         scaler.update()

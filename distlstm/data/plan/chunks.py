@@ -36,10 +36,6 @@ class Block:
     def num_chunks(self) -> int:
         return len(self.ptr) - 1
 
-    def chunk_of_entry(self) -> np.ndarray:
-        """Global chunk id of each (length, count) entry."""
-        return self.first + np.repeat(np.arange(self.num_chunks, dtype=np.int64), np.diff(self.ptr))
-
     def lengths_of(self, local: int) -> np.ndarray:
         """Sample lengths of chunk `first + local` in ascending order (what the histogram knows)."""
         lo, hi = int(self.ptr[local]), int(self.ptr[local + 1])

@@ -377,13 +377,16 @@ def open_index(spec: str, *, fmt: str = "auto", sequence_column: str = "", label
             if progress is not None:
                 progress(k + 1, len(mine))
         return missed
-    chunk_shard, chunk_local, layouts, entries = [], [], [], 0
+    chunk_shard, chunk_local, layouts, entries, large = [], [], [], 0, False
     for s, (url, f) in enumerate(zip(shards, formats)):
         layout = _shard_layout(url, f, column, cache, storage_options, retries, whole_shard_max_mb, info=infos[s])
         layouts.append(layout)
         entries += layout.entries
-        if entries > IN_MEMORY_ENTRIES:  # a large dataset: histograms stay in the cache files
-            for held in layouts:
+        if large:
+            layout.release()
+        elif entries > IN_MEMORY_ENTRIES:  # a large dataset: histograms stay in the cache files
+            large = True
+            for held in layouts:  # once: those held so far, then each new one as it comes
                 held.release()
         else:
             layout.hold()

@@ -180,9 +180,9 @@ def _row_groups(local: str) -> RowGroupFooters:
     return _local_footers(local, st.st_mtime_ns, st.st_size)
 
 
-def _vector_labels(path: str, column: str, lab: pa.Array, first_row: int) -> tuple[np.ndarray, np.ndarray]:
-    """A list<float> target column (regression with K outputs) as an (n, K) array + null mask."""
-    lab_offsets, lab_nulls, lab_values = _list_parts(lab)
+def _vector_labels(path: str, column: str, lab_offsets: np.ndarray, lab_nulls: np.ndarray, lab_values: pa.Array,
+                   first_row: int) -> np.ndarray:
+    """A list<float> target column (regression with K outputs; its `_list_parts`) as an (n, K) array."""
     widths = np.diff(lab_offsets)[~lab_nulls]
     if len(np.unique(widths)) > 1:
         row = int(np.flatnonzero(np.diff(lab_offsets) != widths[0])[0])
@@ -192,7 +192,7 @@ def _vector_labels(path: str, column: str, lab: pa.Array, first_row: int) -> tup
     flat = lab_values.to_numpy(zero_copy_only=False).astype(np.float32)
     labels = np.zeros((len(lab_nulls), k), np.float32)
     labels[~lab_nulls] = flat.reshape(-1, k)
-    return labels, lab_nulls
+    return labels
 
 
 def _scalar_labels(path: str, column: str, lab: pa.Array, task: str | None) -> tuple[np.ndarray, dict[int, str]]:
@@ -276,14 +276,13 @@ def read_parquet_chunk(path: str, row_group: int, *, sequence_column: str, label
         is_list = pa.types.is_list(lab.type) or pa.types.is_large_list(lab.type) or pa.types.is_fixed_size_list(lab.type)
         per_step = task is not None and get_task(task).per_step
         if is_list:
-            lab_offsets, _, lab_values = _list_parts(lab)
+            lab_offsets, lab_nulls, lab_values = _list_parts(lab)
             for r, problem in _null_problems(label_column, lab_values, lab_offsets, row_group).items():
                 problems.setdefault(r, problem)
         if is_list and not per_step:
-            labels, lab_nulls = _vector_labels(path, label_column, lab, first_row)
+            labels = _vector_labels(path, label_column, lab_offsets, lab_nulls, lab_values, first_row)
             nulls = nulls | lab_nulls
         elif is_list:
-            lab_offsets, lab_nulls, lab_values = _list_parts(lab)
             for r, problem in _tag_problems(path, label_column, sequence_column, offsets, lab_offsets, lab_values,
                                             nulls | lab_nulls).items():
                 problems.setdefault(r, problem)
