@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model.hidden_size", "32", "--data.synthetic_samples", "1000", "--log.progress", "false",
@@ -29,7 +28,7 @@ SMALL = ["--model.hidden_size", "32", "--data.synthetic_samples", "1000", "--log
 def cli(module: str, *args: str, cache: Path, nproc: int = 1, timeout: int = 300, ok: bool = True):
     env = {**os.environ, "DISTLSTM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
     proc = subprocess.run(launcher + ["-m", module, *args], env=env, capture_output=True, text=True, timeout=timeout)
     if ok:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

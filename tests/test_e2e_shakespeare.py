@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -33,7 +32,7 @@ def test_prep_then_torchrun_two_ranks(tmp_path, fmt):
     assert manifest["vocab_size"] >= 60 and manifest["num_samples"] > 10_000
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", "-m", "distlstm.train",
+                           "--standalone", "-m", "distlstm.train",
                            "--data.train", str(out / "train"), "--data.valid", str(out / "valid"),
                            "--model.task", "lm", "--model.hidden_size", "64", "--model.embed_size", "32",
                            "--data.max_tokens", "2048", "--train.max_steps", "60", "--optim.lr", "1e-2",

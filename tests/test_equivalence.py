@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +28,7 @@ def run_step(tmp_path: Path, *, nproc: int, accum: int, task: str, one_batch: bo
         cmd = [sys.executable] + worker
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}"] + worker
+               "--standalone"] + worker
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,7 +74,7 @@ def run_stream_step(tmp_path: Path, *, nproc: int, global_rows: int = 6, state_r
     worker = [str(ROOT / "tests" / "_stream_worker.py"), "--data", str(data), "--cache", str(tmp_path / "cache"),
               "--global-rows", str(global_rows), "--state-reset", str(state_reset), "--out", str(out)]
     cmd = [sys.executable] + worker if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
         *worker]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import free_port
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -36,7 +35,7 @@ def train(tmp_path: Path, run: str, *args: str, nproc: int = 1) -> tuple[Path, s
     run_dir = tmp_path / run
     env = {**os.environ, "DISTLSTM_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
     proc = subprocess.run(launcher + ["-m", "distlstm.train", "--train.run_dir", str(run_dir), *COMMON, *args],
                           env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]

@@ -27,7 +27,6 @@ from distlstm.checkpoint.manager import CheckpointManager
 from distlstm.run.graphs import DDP_WARMUP_STEPS, _key
 from tests._graphs_worker import batches, make_trainer, stream_batches, train
 from tests.fake_graphs import FakeGraphs
-from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +184,7 @@ def test_two_gloo_ranks_agree_warm_up_and_match_eager(tmp_path):
     neither; graphed == eager to 1e-6 on each rank, dropout on; and lm stream mode under DDP (the
     carried state per rank, in the graphs' static buffers) graphed == eager."""
     out = tmp_path / "graphs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(ROOT / "tests" / "_graphs_worker.py"), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -26,7 +26,6 @@ from distlstm.run.bptt import StateCarrier
 from distlstm.tasks import IGNORE_INDEX, get_task
 from distlstm.run.trainer import Trainer, build_optimizer, evaluate_model
 from distlstm.distributed.world import detect_world
-from helpers import free_port
 from tests._stream_data import doc_starts, documents, write_stream_parquet
 
 CPU = torch.device("cpu")
@@ -310,7 +309,7 @@ def test_too_long_chunk_trains_whole_samples_through_the_cli(tmp_path, nproc):
     env = {**os.environ, "PYTHONPATH": str(root), "DISTLSTM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "run"
     launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
     proc = subprocess.run(launcher + ["-m", "distlstm.train", "--data.train", str(tmp_path / "tag.parquet"),
                            "--model.task", "tag", "--data.label_column", "tags", "--model.num_classes", "3",
                            "--model.hidden_size", "16",

@@ -23,7 +23,7 @@ def train(tmp_path: Path, run: str, *args: str, nproc: int = 1, timeout: int = 3
     run_dir = tmp_path / run
     env = {**os.environ, "DISTLSTM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
     proc = subprocess.run(launcher + ["-m", "distlstm.train", "--train.run_dir", str(run_dir), *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
