@@ -33,6 +33,7 @@ import pytest
 
 from distlstm.checkpoint.manager import verify_checkpoint
 from distlstm.distributed.preempt import EXIT_PREEMPTED
+from tests._zygote import zygote
 
 ROOT = Path(__file__).resolve().parents[1]
 UTIL = ROOT / "tests" / "_resume_util.py"
@@ -66,9 +67,12 @@ class Run:
 
 
 def launch(run_dir: Path, args: list[str], *, nproc: int = 1, fault: dict | None = None,
-           torchrun_args: tuple[str, ...] = (), env_extra: dict | None = None, timeout: float = 180) -> Run:
+           torchrun_args: tuple[str, ...] = (), env_extra: dict | None = None, timeout: float = 180,
+           fresh: bool = False) -> Run:
     """One training process (or one torchrun) on `run_dir` (`<workdir>/runs/<name>`, so that all runs share
-    `<workdir>/cache`, the synthetic dataset); output goes to a log file beside it."""
+    `<workdir>/cache`, the synthetic dataset); output goes to a log file beside it. One process is forked
+    from the test zygote (tests/_zygote.py: the same entry point and argv, without the ~2 s of interpreter
+    start) unless `fresh`; torchrun is always a fresh interpreter."""
     env = {**os.environ, "DISTLSTM_CACHE": str(run_dir.parent.parent / "cache"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DISTLSTM_TEST_FAULT"):
@@ -76,43 +80,73 @@ def launch(run_dir: Path, args: list[str], *, nproc: int = 1, fault: dict | None
     if fault:
         env["DISTLSTM_TEST_FAULT"] = json.dumps(fault)
     env.update(env_extra or {})
+    one = nproc == 1 and not torchrun_args
     # --standalone (c10d rendezvous on a free port), as launch/slurm/train-1node.sbatch does.
-    cmd = [sys.executable] if nproc == 1 and not torchrun_args else [
+    cmd = [sys.executable] if one else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun_args]
     cmd += [str(UTIL), "--train.run_dir", str(run_dir), *args]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     logs = sorted(run_dir.parent.glob(f"{run_dir.name}.*.log"))
     log = run_dir.parent / f"{run_dir.name}.{len(logs):03d}.log"
     start = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    forks = zygote(env) if one and not fresh else None
+    if forks is not None:
+        child = forks.launch(cmd[2:], env=env, cwd=os.getcwd(), log=str(log))
         try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
+            rc = child.wait(timeout)
         finally:
-            kill_leftovers(proc, run_dir)
+            kill_leftovers(child.pid, run_dir)
+            if rc is None:
+                child.wait()
+    else:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+            finally:
+                kill_leftovers(proc.pid, run_dir)
+                proc.wait()
     text = log.read_text()
     if rc is None:
         pytest.fail(f"{run_dir.name} (nproc {nproc}, fault {fault}) hung for {timeout}s:\n{text[-4000:]}")
     return Run(rc, text, time.monotonic() - start)
 
 
-def kill_leftovers(proc: subprocess.Popen, run_dir: Path) -> None:
+def kill_leftovers(session: int, run_dir: Path) -> None:
     """SIGKILL what a launch left running: its session (a trainer and its DataLoader workers), and
     every process with `run_dir` as an argument, since torchrun starts each worker in a session of
     its own and a SIGKILLed worker leaves its forked DataLoader workers behind."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(session, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    proc.wait()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if str(run_dir) in cmdline.read_bytes().decode(errors="replace").split("\0"):
                 os.kill(int(cmdline.parent.name), signal.SIGKILL)
         except (OSError, ValueError):
             pass  # gone meanwhile, or not ours to read
+    # A SIGKILL takes effect a moment later: until the DataLoader workers have exited, the run.lock
+    # descriptor they inherited still holds the lock, and the next launch would find the run in use.
+    deadline = time.monotonic() + 10
+    while in_session(session) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def in_session(session: int) -> bool:
+    """Whether a process of `session` is still exiting or alive: not a zombie, or a zombie leader whose
+    other threads are still exiting (they hold its file descriptors, the run.lock among them)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # after "pid (comm)": state, ppid, pgrp, session, ..., num_threads (field 20 of proc(5))
+        if int(fields[3]) == session and (fields[0] != "Z" or int(fields[17]) > 1):
+            return True
+    return False
 
 
 def ok(run: Run) -> Run:
@@ -186,7 +220,7 @@ def workdir(tmp_path_factory) -> Path:
 def clean_one(workdir) -> dict:
     """The uninterrupted single-process run every single-process resume must reproduce."""
     run_dir = workdir / "runs" / "clean-one"
-    ok(launch(run_dir, ONE))
+    ok(launch(run_dir, ONE, fresh=True))  # a fresh interpreter: the zygote's launches must match it
     return final(run_dir)
 
 
