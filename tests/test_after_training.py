@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests._zygote import run as zygote_run
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model.hidden_size", "32", "--data.synthetic_samples", "1000", "--log.progress", "false",
@@ -29,7 +31,10 @@ def cli(module: str, *args: str, cache: Path, nproc: int = 1, timeout: int = 300
     env = {**os.environ, "DISTLSTM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-    proc = subprocess.run(launcher + ["-m", module, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = launcher + ["-m", module, *args]
+    # One process: forked from the test zygote (tests/_zygote.py), as `python -m module` runs.
+    proc = zygote_run(cmd, env=env, timeout=timeout) if nproc == 1 else \
+        subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if ok:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc

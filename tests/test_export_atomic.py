@@ -20,6 +20,8 @@ import pytest
 
 import distlstm
 
+from tests._zygote import run as zygote_run
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,8 +31,8 @@ def env(cache: Path) -> dict:
 
 
 def cli(module: str, *args, cache: Path, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env(cache), capture_output=True,
-                          text=True, timeout=240, **kw)
+    """`python -m module args`, forked from the test zygote (tests/_zygote.py)."""
+    return zygote_run([sys.executable, "-m", module, *map(str, args)], env=env(cache), timeout=240, **kw)
 
 
 def digest(folder: Path) -> dict[str, str]:

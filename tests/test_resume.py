@@ -91,7 +91,7 @@ def launch(run_dir: Path, args: list[str], *, nproc: int = 1, fault: dict | None
     start = time.monotonic()
     forks = zygote(env) if one and not fresh else None
     if forks is not None:
-        child = forks.launch(cmd[2:], env=env, cwd=os.getcwd(), log=str(log))
+        child = forks.launch(cmd[1:], env=env, cwd=os.getcwd(), stdout=str(log))
         try:
             rc = child.wait(timeout)
         finally:

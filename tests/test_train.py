@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tests.helpers import free_port
+from tests._zygote import run as zygote_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model.hidden_size", "32", "--data.synthetic_samples", "1000", "--log.progress", "false",
@@ -24,8 +25,10 @@ def train(tmp_path: Path, run: str, *args: str, nproc: int = 1, timeout: int = 3
     env = {**os.environ, "DISTLSTM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-    proc = subprocess.run(launcher + ["-m", "distlstm.train", "--train.run_dir", str(run_dir), *args],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = launcher + ["-m", "distlstm.train", "--train.run_dir", str(run_dir), *args]
+    # One process: forked from the test zygote (tests/_zygote.py), as `python -m distlstm.train` runs.
+    proc = zygote_run(cmd, env=env, timeout=timeout) if nproc == 1 else \
+        subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return run_dir, proc.stdout
 
