@@ -13,6 +13,7 @@ Detection order:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -303,13 +304,28 @@ def init_process_group(world: World, *, backend: str, timeout_s: float,
                             timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
+_retired_groups: list = []
+"""Default process groups left by `destroy_process_group`, released at exit (see there)."""
+atexit.register(_retired_groups.clear)
+
+
 def destroy_process_group(*, barrier: bool = False) -> None:
     """Leave the process group. `barrier=True` (on the success path only: after a failure a peer
     may be gone) first waits for every rank, so no rank tears down its connections while another
-    is still inside a collective with it (gloo aborts the process when that happens)."""
+    is still inside a collective with it (gloo aborts the process when that happens).
+
+    The group object itself is kept until exit. A DDP model that outlives this call holds the group
+    through its C++ Reducer, and the Reducer's deallocation keeps the GIL: when it drops the last
+    reference, the group's destructor joins gloo's worker threads with the GIL held while one of them
+    still needs it to free the barrier's work, and the process hangs at exit (seen in 2-rank gloo
+    runs of tests/_step_worker.py, about 1 launch in 14 on a loaded 2-core machine; py-spy: main
+    thread in ~Reducer -> ~ProcessGroupGloo -> thread::join, the gloo thread in ~AsyncWork ->
+    gil_scoped_acquire). Released by atexit instead, with the interpreter alive, through the group's
+    binding, which lets go of the GIL while it joins."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         if barrier:
             dist.barrier()
+        _retired_groups.append(dist.group.WORLD)
         dist.destroy_process_group()
