@@ -5,8 +5,12 @@
     python bench/lm_quality.py --hidden 400 --dropout 0.5 --runs ab   # a larger model, (a) and (b) only
     python bench/lm_quality.py --epochs 39 --hidden 650 --dropout 0.5 --max-vocab 0   # the full-size recipe (a GPU)
 
-Data: tiny Shakespeare (../shared/data), word level: `python -m distlstm.prep --tokenizer whitespace`
-(split on whitespace, <eos> at each line end), the last 10% of the text as validation. All runs
+Data (--corpus): tiny Shakespeare (../shared/data, the default), word level: `python -m distlstm.prep
+--tokenizer whitespace` (split on whitespace, <eos> at each line end), the last 10% of the text as
+validation; or WikiText-2 (`--corpus wikitext2 --wikitext DIR`, DIR holding pytorch/examples'
+word_language_model/data/wikitext-2 files): trained on test.txt, validated on valid.txt, prepped one
+after the other with `--vocab` reusing the training text's vocabulary (valid words not in it read
+as <unk>), every word kept unless --max-vocab says otherwise. All runs
 train the same model shape on the same token ids for the same number of training tokens; (a), (b)
 and (c) with the classic recipe of Zaremba et al. / pytorch/examples word_language_model (SGD lr 20, gradient clip
 0.25, lr / 4 when the validation loss does not improve, batch 20, bptt 35, dropout on the
@@ -149,13 +153,26 @@ def reference(train_ids, valid_ids, *, vocab, size, layers, dropout, epochs, lr,
 # ----------------------------------------------------------------------------------- data and distlstm runs
 
 
-def prep(out: Path, layout: str, seq_len: int, max_vocab: int, env: dict) -> None:
+def prep(out: Path, layout: str, seq_len: int, max_vocab: int, env: dict, wikitext: Path | None) -> None:
+    """`out/train` and `out/valid`, prepared data of one layout, and `out/vocab.json`."""
     if (out / "train" / "manifest.json").exists():
         return
-    cmd = [sys.executable, "-m", "distlstm.prep", "--text", str(TEXT), "--task", "lm", "--tokenizer", "whitespace",
-           "--split", "tail", "--valid-fraction", "0.1", "--lm-layout", layout, "--seq-len", str(seq_len),
-           "--max-vocab", str(max_vocab), "--quiet", "--overwrite", "--out", str(out)]
-    subprocess.run(cmd, check=True, env=env)
+    common = ["--task", "lm", "--tokenizer", "whitespace", "--lm-layout", layout, "--seq-len", str(seq_len),
+              "--quiet", "--overwrite"]
+    if wikitext is None:
+        subprocess.run([sys.executable, "-m", "distlstm.prep", "--text", str(TEXT), *common, "--split", "tail",
+                        "--valid-fraction", "0.1", "--max-vocab", str(max_vocab), "--out", str(out)],
+                       check=True, env=env)
+        return
+    # Two files: each prepped on its own (no split), valid with the training text's vocabulary.
+    for name, text, vocab in (("train", "test.txt", ["--max-vocab", str(max_vocab)]),
+                              ("valid", "valid.txt", ["--vocab", str(out / "vocab.json")])):
+        part = out / f"prep-{name}"
+        subprocess.run([sys.executable, "-m", "distlstm.prep", "--text", str(wikitext / text), *common,
+                        "--valid-fraction", "0", *vocab, "--out", str(part)], check=True, env=env)
+        if name == "train":
+            shutil.copy(part / "vocab.json", out / "vocab.json")
+        (part / "train").rename(out / name)
 
 
 def stream_ids(split: Path) -> np.ndarray:
@@ -220,16 +237,27 @@ def main() -> int:
                     "with distlstm's default optimizer; e: the lm defaults); the targets are printed for the pairs "
                     "that ran")
     ap.add_argument("--work", default="bench-lm-quality", help="scratch folder (prepared data, run directories)")
+    ap.add_argument("--corpus", choices=("shakespeare", "wikitext2"), default="shakespeare",
+                    help="tiny Shakespeare words (../shared/data) or WikiText-2 (--wikitext)")
+    ap.add_argument("--wikitext", type=Path, help="--corpus wikitext2: the folder with WikiText-2's test.txt "
+                    "(trained on) and valid.txt, as in pytorch/examples word_language_model/data/wikitext-2")
     a = ap.parse_args()
-    if not TEXT.is_file():
+    wikitext = None
+    if a.corpus == "wikitext2":
+        if a.wikitext is None or not all((a.wikitext / f).is_file() for f in ("test.txt", "valid.txt")):
+            raise SystemExit(f"--corpus wikitext2 needs --wikitext DIR with test.txt and valid.txt (got {a.wikitext})")
+        wikitext = a.wikitext.resolve()
+        if a.max_vocab == ap.get_default("max_vocab"):
+            a.max_vocab = 0  # WikiText is distributed with its vocabulary already cut (<unk>): keep every word
+    elif not TEXT.is_file():
         raise SystemExit(f"{TEXT} not found")
     if a.threads:
         torch.set_num_threads(a.threads)
     work = Path(a.work).resolve()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DISTLSTM_CACHE": str(work / "cache")}
     bsz, bptt = 20, 35
-    prep(work / "stream", "stream", 256, a.max_vocab, env)
-    prep(work / "windows", "windows", bptt, a.max_vocab, env)
+    prep(work / "stream", "stream", 256, a.max_vocab, env, wikitext)
+    prep(work / "windows", "windows", bptt, a.max_vocab, env, wikitext)
     same_vocab = (work / "stream" / "vocab.json").read_text() == (work / "windows" / "vocab.json").read_text()
     train_ids, valid_ids = stream_ids(work / "stream" / "train"), stream_ids(work / "stream" / "valid")
     vocab = json.loads((work / "stream" / "train" / "manifest.json").read_text())["vocab_size"]
@@ -268,7 +296,8 @@ def main() -> int:
                         "steps": a.epochs * steps_per_epoch, "seconds": time.perf_counter() - start, "curve": curve,
                         **rates(speed)}
 
-    print(f"\ntiny Shakespeare, whitespace words (vocab {vocab}, same ids in all runs: {same_vocab}), "
+    corpus = "tiny Shakespeare" if wikitext is None else "WikiText-2 (train: test.txt, valid: valid.txt)"
+    print(f"\n{corpus}, whitespace words (vocab {vocab}, same ids in all runs: {same_vocab}), "
           f"{len(train_ids)} train / {len(valid_ids)} valid tokens; {a.layers} x {a.hidden} LSTM, dropout "
           f"{a.dropout}, SGD lr 20, clip 0.25, lr/4 on plateau, batch {bsz}, bptt {bptt}, {a.epochs} epochs")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
