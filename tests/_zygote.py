@@ -66,20 +66,21 @@ def _serve(path: str) -> None:
         sys.stderr.flush()
         if os.fork() == 0:
             server.close()
-            _handle(conn)  # returns only in the training process
+            _handle(conn)  # returns only in the command's process
             return
         conn.close()
 
 
 def _handle(conn: socket.socket) -> None:
-    """In the handler: fork the training process, report its pid and then its exit status."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # waitpid below, and subprocesses of the trainer
+    """In the handler: fork the command's process, report its pid and then its exit status."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # waitpid below, and the command's own subprocesses
     conn.settimeout(None)
-    request = json.loads(_read_line(conn))
+    with conn.makefile("rb") as lines:
+        request = json.loads(lines.readline())
     pid = os.fork()
     if pid == 0:
         conn.close()
-        _become_trainer(request)
+        _become_command(request)
         return
     conn.sendall(f"pid {pid}\n".encode())
     _, status = os.waitpid(pid, 0)
@@ -87,7 +88,7 @@ def _handle(conn: socket.socket) -> None:
     os._exit(0)
 
 
-def _become_trainer(request: dict) -> None:
+def _become_command(request: dict) -> None:
     os.setsid()
     os.chdir(request["cwd"])
     os.environ.clear()
@@ -116,21 +117,6 @@ def _become_trainer(request: dict) -> None:
     raise SystemExit(0)
 
 
-def _read_line(conn: socket.socket, deadline: float | None = None) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            conn.settimeout(left)
-        chunk = conn.recv(256)
-        if not chunk:
-            raise ConnectionError(f"the zygote closed the connection after {data!r}")
-        data += chunk
-    return data.decode().strip()
-
-
 # ------------------------------------------------------------------------------------- the client
 
 
@@ -138,17 +124,32 @@ class Launch:
     """One forked process: `pid` (also its session id) and `wait()` for its exit code."""
 
     def __init__(self, conn: socket.socket):
-        self.conn = conn
-        self.pid = int(_read_line(conn, time.monotonic() + 60).removeprefix("pid "))
+        self.conn, self.received = conn, b""
+        self.pid = int(self._line(time.monotonic() + 60).removeprefix("pid "))
 
     def wait(self, timeout: float | None = None) -> int | None:
         """The exit code, or None when `timeout` seconds pass first."""
         try:
-            line = _read_line(self.conn, None if timeout is None else time.monotonic() + timeout)
+            line = self._line(None if timeout is None else time.monotonic() + timeout)
         except TimeoutError:
             return None
         self.conn.close()
         return int(line.removeprefix("exit "))
+
+    def _line(self, deadline: float | None) -> str:
+        """The next line from the handler (both of its lines may arrive in one read)."""
+        while b"\n" not in self.received:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.conn.settimeout(left)
+            chunk = self.conn.recv(256)
+            if not chunk:
+                raise ConnectionError(f"the test zygote closed the connection after {self.received!r}")
+            self.received += chunk
+        line, self.received = self.received.split(b"\n", 1)
+        return line.decode()
 
     def kill(self) -> None:
         """SIGKILL the process's session and wait for the process."""
@@ -209,10 +210,12 @@ def run(cmd: list[str], *, env: dict | None = None, cwd=None, timeout: float | N
         check: bool = False) -> subprocess.CompletedProcess:
     """`subprocess.run(cmd, capture_output=True, text=True, ...)` for `cmd` = [sys.executable, "-m",
     module, ...] or [sys.executable, script.py, ...], forked from the zygote (see the module
-    docstring); any other command, or DISTLSTM_TEST_ZYGOTE=0, runs as subprocess.run would."""
+    docstring); torchrun (`-m torch.distributed.run`), any other command, or DISTLSTM_TEST_ZYGOTE=0,
+    runs as subprocess.run would."""
     env = dict(os.environ if env is None else env)
-    forks = zygote(env) if cmd and cmd[0] == sys.executable and len(cmd) > 1 and \
-        (cmd[1] == "-m" or cmd[1].endswith(".py")) else None
+    python = len(cmd) > 1 and cmd[0] == sys.executable and (cmd[1].endswith(".py") or (
+        cmd[1] == "-m" and len(cmd) > 2 and cmd[2] != "torch.distributed.run"))
+    forks = zygote(env) if python else None
     if forks is None:
         return subprocess.run(cmd, env=env, cwd=cwd, timeout=timeout, check=check, capture_output=True, text=True)
     with tempfile.TemporaryDirectory(prefix="distlstm-run-") as tmp:

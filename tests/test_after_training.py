@@ -10,7 +10,6 @@ something else than the trained one, or a command changed the training run's fil
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,9 +31,7 @@ def cli(module: str, *args: str, cache: Path, nproc: int = 1, timeout: int = 300
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
     cmd = launcher + ["-m", module, *args]
-    # One process: forked from the test zygote (tests/_zygote.py), as `python -m module` runs.
-    proc = zygote_run(cmd, env=env, timeout=timeout) if nproc == 1 else \
-        subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = zygote_run(cmd, env=env, timeout=timeout)  # one process: forked from the test zygote
     if ok:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc

@@ -26,9 +26,7 @@ def train(tmp_path: Path, run: str, *args: str, nproc: int = 1, timeout: int = 3
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
     cmd = launcher + ["-m", "distlstm.train", "--train.run_dir", str(run_dir), *args]
-    # One process: forked from the test zygote (tests/_zygote.py), as `python -m distlstm.train` runs.
-    proc = zygote_run(cmd, env=env, timeout=timeout) if nproc == 1 else \
-        subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = zygote_run(cmd, env=env, timeout=timeout)  # one process: forked from the test zygote
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return run_dir, proc.stdout
 
