@@ -4,6 +4,7 @@
     python bench/lm_quality.py --epochs 1           # a smoke run: about a minute
     python bench/lm_quality.py --hidden 400 --dropout 0.5 --runs ab   # a larger model, (a) and (b) only
     python bench/lm_quality.py --epochs 39 --hidden 650 --dropout 0.5 --max-vocab 0   # the full-size recipe (a GPU)
+    python bench/lm_quality.py --corpus wikitext2 --wikitext DIR --runs ace --epochs 3   # WikiText-2 (issue 21)
 
 Data (--corpus): tiny Shakespeare (../shared/data, the default), word level: `python -m distlstm.prep
 --tokenizer whitespace` (split on whitespace, <eos> at each line end), the last 10% of the text as
